@@ -1,0 +1,5 @@
+import sys
+
+from dkproxy.cli import main
+
+sys.exit(main())

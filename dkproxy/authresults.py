@@ -1,0 +1,265 @@
+"""RFC 8601 Authentication-Results: writing ours, finding forged ones.
+
+Every value we write comes from the message or the envelope, i.e. from the sender: domains,
+selectors, i= and reasons are reduced to printable ASCII and quoted when they are not plain
+tokens, so a hostile signature cannot break the header syntax or smuggle in a line of its own.
+Each result goes on its own folded line, which keeps lines short and the header readable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .message import Message
+from .verifier import SignatureResult, VerificationReport
+
+FIELD_NAME = b"Authentication-Results"
+
+#: RFC 2045 token: printable ASCII except SPACE and tspecials.
+_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
+#: RFC 5322 dot-atom (for local@domain pvalues).
+_ATEXT = r"[!#$%&'*+\-/=?^_`{|}~0-9A-Za-z]+"
+_DOT_ATOM = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+#: Longest reason text kept; the rest is cut (the log has the details).
+MAX_REASON = 120
+FOLD_WIDTH = 78
+
+
+def _clean(text: str, limit: int = 255) -> str:
+    return _UNSAFE.sub("?", text)[:limit]
+
+
+def _quoted(text: str) -> str:
+    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+
+
+def value(text: str) -> str:
+    """An RFC 8601 `value`: the text as a token when it is one, else a quoted-string."""
+    text = _clean(text)
+    return text if _TOKEN.fullmatch(text) else _quoted(text)
+
+
+def _plain(text: str, *, address: bool = False) -> str | None:
+    """A property value that needs no quoting, or None to leave the property out.
+
+    Only the last property of a clause may be a quoted-string for the `authres` parser
+    (its look-ahead wants ";" after one), and a value that is not a token or an address is
+    sender-made junk anyway: the reason= text carries what went wrong.
+    """
+    cleaned = _clean(text)
+    if cleaned != text or not text:
+        return None
+    if _TOKEN.fullmatch(text):
+        return text
+    if address:
+        local, at, domain = text.rpartition("@")
+        if at and _DOT_ATOM.fullmatch(domain):
+            return text if (not local or _DOT_ATOM.fullmatch(local)) else "@" + domain
+    return None
+
+
+def _comment(text: str) -> str:
+    """A comment with parentheses and backslashes escaped (ctext is printable ASCII)."""
+    return "(" + re.sub(r"([()\\])", r"\\\1", _clean(text, MAX_REASON)) + ")"
+
+
+Prop = tuple[str, str | None]
+
+
+def _resinfo(
+    method: str,
+    result: str,
+    props: Iterable[Prop],
+    reason: str = "",
+    comment: str = "",
+    last: Prop | None = None,
+) -> list[str]:
+    """One result as a list of words (joined with spaces or folded by the caller).
+
+    `props` must be plain (see `_plain`); `last` may need quoting and is written last.
+    """
+    words = [f"{method}={result}"]
+    if comment:
+        words.append(_comment(comment))
+    if reason:
+        words.append("reason=" + _quoted(_clean(reason, MAX_REASON)))
+    for name, val in props:
+        if val:
+            words.append(f"{name}={val}")
+    if last is not None and last[1]:
+        words.append(f"{last[0]}={value(last[1])}")
+    return words
+
+
+def _signature_words(sig: SignatureResult) -> list[str]:
+    reason = "" if sig.result == "pass" else sig.reason
+    comment = _key_comment(sig)
+    d = _plain(sig.domain or "")
+    if sig.method == "dkim":
+        props: list[Prop] = [
+            ("header.d", d),
+            ("header.i", _plain(sig.identity or "", address=True)),
+            ("header.s", _plain(sig.selector or "")),
+            ("header.a", _plain(sig.algorithm or "")),
+        ]
+        return _resinfo("dkim", sig.result, props, reason, comment, ("header.b", sig.b_prefix))
+    ident = "header.sender" if sig.identity_header == "sender" else "header.from"
+    props = [("header.d", d), (ident, _plain(sig.identity or "", address=True))]
+    return _resinfo("domainkeys", sig.result, props, reason, comment, ("header.b", sig.b_prefix))
+
+
+def _key_comment(sig: SignatureResult) -> str:
+    parts = []
+    if sig.key_bits and sig.result in ("pass", "policy"):
+        parts.append(f"{sig.key_bits}-bit key")
+    if sig.testing:
+        parts.append("key in testing mode")
+    return "; ".join(parts)
+
+
+def result_words(report: VerificationReport) -> list[list[str]]:
+    """All resinfo clauses of the report, in header order, each as a list of words."""
+    clauses: list[list[str]] = [_signature_words(sig) for sig in report.signatures]
+    if not report.dkim:
+        # RFC 8601 wants a result for each method tried: unsigned mail is dkim=none.
+        clauses.insert(0, ["dkim=none"])
+    spf = report.spf
+    if spf is not None:
+        if spf.scope == "mailfrom":
+            prop: Prop = ("smtp.mailfrom", _plain(spf.identity, address=True) or _plain(spf.domain))
+        else:
+            prop = ("smtp.helo", _plain(spf.identity))
+        reason = spf.explanation if spf.result in ("temperror", "permerror") else ""
+        clauses.append(_resinfo("spf", spf.result, [prop], reason, f"client {spf.client_ip}"))
+    dm = report.dmarc
+    if dm is not None:
+        comment = ""
+        if dm.record is not None:
+            comment = f"p={dm.record.p}"
+            if dm.record.sp:
+                comment += f" sp={dm.record.sp}"
+            comment += f" pct={dm.record.pct} dis={dm.disposition}"
+        reason = dm.reason if dm.result != "pass" else ""
+        props = [("header.from", _plain(dm.from_domain or ""))]
+        clauses.append(_resinfo("dmarc", dm.result, props, reason, comment))
+    return clauses
+
+
+def _fold(head: str, clauses: list[list[str]]) -> str:
+    """Put each clause on its own line; break long clauses between words."""
+    lines = [head]
+    for n, words in enumerate(clauses):
+        suffix = ";" if n < len(clauses) - 1 else ""
+        line = "\t"
+        for i, word in enumerate(words):
+            piece = word + (suffix if i == len(words) - 1 else "")
+            if line.strip() and len(line.expandtabs(8)) + 1 + len(piece) > FOLD_WIDTH:
+                lines.append(line)
+                line = "\t  " + piece
+            else:
+                line = line + piece if not line.strip() else line + " " + piece
+        lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def authentication_results(report: VerificationReport, authserv_id: str) -> bytes:
+    """The complete folded header field (name, value, final CRLF) for `report`."""
+    head = f"{FIELD_NAME.decode()}: {authserv_id_value(authserv_id)};"
+    return _fold(head, result_words(report)).encode("ascii")
+
+
+def authserv_id_value(authserv_id: str) -> str:
+    cleaned = _clean(authserv_id.strip())
+    if not cleaned:
+        raise ValueError("authserv-id must not be empty")
+    return value(cleaned)
+
+
+# --------------------------------------------------------------------------------------------
+# Forged headers
+
+
+_UNFOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def _skip_cfws(text: str, pos: int) -> int:
+    """Skip whitespace and (nested) comments starting at pos."""
+    depth = 0
+    while pos < len(text):
+        ch = text[pos]
+        if depth:
+            if ch == "\\":
+                pos += 2
+                continue
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+        elif ch == "(":
+            depth = 1
+        elif ch not in " \t\r\n":
+            break
+        pos += 1
+    return pos
+
+
+def claimed_authserv_id(field_value: bytes) -> str | None:
+    """The authserv-id an Authentication-Results value claims, lower-cased, or None."""
+    text = _UNFOLD.sub("", field_value.decode("utf-8", "replace"))
+    pos = _skip_cfws(text, 0)
+    if pos >= len(text):
+        return None
+    if text[pos] == '"':
+        out = []
+        pos += 1
+        while pos < len(text) and text[pos] != '"':
+            if text[pos] == "\\" and pos + 1 < len(text):
+                pos += 1
+            out.append(text[pos])
+            pos += 1
+        found = "".join(out)
+    else:
+        match = re.match(r"[^\s;()\"]+", text[pos:])
+        found = match.group(0) if match else ""
+    found = found.strip().rstrip(".").lower()
+    return found or None
+
+
+def forged_authentication_results(message: Message, authserv_id: str) -> list[int]:
+    """Indexes into `message.headers` of Authentication-Results fields claiming our id.
+
+    RFC 8601 section 5: such fields cannot have come from us (we add ours after this) so they
+    are forgeries or leftovers and must be removed; fields of other authserv-ids stay.
+    """
+    ours = authserv_id.strip().rstrip(".").lower()
+    wanted = FIELD_NAME.lower()
+    return [
+        i
+        for i, (name, val) in enumerate(message.headers)
+        if name.lower() == wanted and claimed_authserv_id(val) == ours
+    ]
+
+
+def header_byte_ranges(message: Message, indexes: Iterable[int]) -> list[tuple[int, int]]:
+    """(start, end) byte offsets in `message.data` of the given header fields."""
+    sizes = [len(name) + 1 + len(val) for name, val in message.headers]
+    offset = message.header_end - sum(sizes)  # skips an mbox "From " line, if any
+    starts = []
+    for size in sizes:
+        starts.append(offset)
+        offset += size
+    return [(starts[i], starts[i] + sizes[i]) for i in sorted(set(indexes))]
+
+
+def remove_header_fields(message: Message, indexes: Iterable[int]) -> bytes:
+    """The message bytes without the given header fields (everything else byte-identical)."""
+    data = message.data
+    out = []
+    pos = 0
+    for start, end in header_byte_ranges(message, indexes):
+        out.append(data[pos:start])
+        pos = end
+    out.append(data[pos:])
+    return b"".join(out)

@@ -1,0 +1,184 @@
+"""DKIM signing (RFC 6376, RFC 8463): dkimpy's canonicalization, OpenSSL's signatures.
+
+dkimpy defines what is hashed (canonicalization, header selection, the b= handling), so our
+signatures agree with every verifier that agrees with dkimpy. Its own RSA is pure Python and
+costs ~9 ms per signature here; `cryptography` signs the same digest in ~0.4 ms, so we compute
+the digest with dkimpy's pieces and hand only the digest to OpenSSL.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
+from dkim import hash_headers
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+
+from dkproxy.keys import SigningKey
+from dkproxy.message import Message
+
+#: Signed when present (RFC 6376 section 5.4.1's list, plus MIME and List-* fields).
+DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
+    "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
+    "mime-version", "content-type", "content-transfer-encoding", "content-id",
+    "content-description", "resent-date", "resent-from", "resent-sender", "resent-to",
+    "resent-cc", "resent-message-id", "in-reply-to", "references", "list-id", "list-help",
+    "list-unsubscribe", "list-subscribe", "list-post", "list-owner", "list-archive",
+)  # fmt: skip
+#: Signed once more than they occur, so that adding another one breaks the signature.
+OVERSIGNED_HEADERS: tuple[str, ...] = (
+    "from", "subject", "date", "to", "cc", "reply-to", "message-id",
+)  # fmt: skip
+#: RFC 6376 5.4: these must not be signed (they are changed in transit, or are signatures).
+NEVER_SIGNED = frozenset({b"return-path", b"received", b"comments", b"keywords",
+                          b"dkim-signature", b"domainkey-signature"})  # fmt: skip
+
+ALGORITHMS = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
+_B64_FOLD = 72
+
+
+class DKIMSignError(Exception):
+    """The message cannot be signed as configured (the reason is in the message)."""
+
+
+@dataclass(frozen=True)
+class DKIMParams:
+    """Everything that decides a DKIM signature except the message."""
+
+    domain: str
+    selector: str
+    key: SigningKey
+    algorithm: str = "rsa-sha256"
+    canonicalization: str = "relaxed/simple"
+    identity: str | None = None
+    headers: tuple[str, ...] | None = None
+    oversign: tuple[str, ...] = OVERSIGNED_HEADERS
+    expire_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        kind = ALGORITHMS.get(self.algorithm)
+        if kind is None:
+            raise DKIMSignError(
+                f"algorithm {self.algorithm!r} is not allowed for signing (RFC 8301 forbids "
+                "rsa-sha1); use rsa-sha256 or ed25519-sha256"
+            )
+        if kind != self.key.kind:
+            raise DKIMSignError(
+                f"algorithm {self.algorithm} needs an {kind} key; "
+                f"{self.key.path} is {self.key.kind}"
+            )
+        try:
+            CanonicalizationPolicy.from_c_value(self.canonicalization.encode("ascii"))
+        except (InvalidCanonicalizationPolicyError, UnicodeEncodeError) as exc:
+            raise DKIMSignError(f"bad canonicalization {self.canonicalization!r}") from exc
+
+
+class BodyHashCache:
+    """Body hashes per canonicalization: several signatures of one message share one pass."""
+
+    __slots__ = ("_body", "_hashes")
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._hashes: dict[bytes, bytes] = {}
+
+    def get(self, policy: CanonicalizationPolicy) -> bytes:
+        body_algorithm = policy.body_algorithm.name
+        cached = self._hashes.get(body_algorithm)
+        if cached is None:
+            digest = hashlib.sha256(policy.canonicalize_body(self._body)).digest()
+            cached = base64.b64encode(digest)
+            self._hashes[body_algorithm] = cached
+        return cached
+
+
+def header_list(message: Message, params: DKIMParams) -> list[bytes]:
+    """The h= list: each wanted field once per occurrence, plus one more for oversigned ones."""
+    wanted = params.headers if params.headers is not None else DEFAULT_SIGNED_HEADERS
+    wanted_set = {name.lower().encode("ascii") for name in wanted}
+    present = [name.lower() for name, _ in message.headers]
+    names = [name for name in present if name in wanted_set and name not in NEVER_SIGNED]
+    if b"from" not in names:
+        raise DKIMSignError("message has no From header field (RFC 6376 requires signing it)")
+    names.extend(name.encode("ascii") for name in params.oversign)
+    return names
+
+
+def _fold_tags(tokens: Sequence[tuple[str, str]], first_width: int) -> bytes:
+    """Join (separator, text) tokens, folding with CRLF TAB where a line would pass column 76.
+
+    Tags are separated by a space, the names of h= by nothing: a fold between them is the
+    FWS that RFC 6376 allows around ':'.
+    """
+    lines: list[str] = []
+    current = ""
+    width = first_width
+    for separator, text in tokens:
+        if current and width + len(current) + len(separator) + len(text) > 76:
+            lines.append(current)
+            current, width = text, 8
+        else:
+            current = current + separator + text if current else text
+    lines.append(current)
+    return "\r\n\t".join(lines).encode("ascii")
+
+
+def _fold_b64(value: bytes) -> bytes:
+    chunks = [value[i : i + _B64_FOLD] for i in range(0, len(value), _B64_FOLD)]
+    return b"\r\n\t".join(chunks)
+
+
+def sign(
+    message: Message,
+    params: DKIMParams,
+    body_hashes: BodyHashCache | None = None,
+    now: int | None = None,
+) -> bytes:
+    """Return the complete `DKIM-Signature: ...` header field (folded, CRLF-terminated)."""
+    policy = CanonicalizationPolicy.from_c_value(params.canonicalization.encode("ascii"))
+    if body_hashes is None:
+        body_hashes = BodyHashCache(message.body)
+    body_hash = body_hashes.get(policy).decode("ascii")
+    include = header_list(message, params)
+    timestamp = int(time.time()) if now is None else now
+
+    tags = [
+        "v=1;",
+        f"a={params.algorithm};",
+        f"c={policy.to_c_value().decode('ascii')};",
+        f"d={params.domain};",
+    ]
+    if params.identity:
+        tags.append(f"i={params.identity};")
+    tags += [f"s={params.selector};", f"t={timestamp};"]
+    if params.expire_seconds:
+        tags.append(f"x={timestamp + params.expire_seconds};")
+    tokens = [(" ", tag) for tag in tags]
+    names = [name.decode("ascii") for name in include]
+    tokens.append((" ", f"h={names[0]}"))
+    tokens += [("", f":{name}") for name in names[1:]]
+    tokens += [("", ";"), (" ", f"bh={body_hash};")]
+    # b= goes on a line of its own, so the hashed form ("...; b=") is a prefix of the result.
+    unsigned_value = b" " + _fold_tags(tokens, len("DKIM-Signature: ")) + b"\r\n\tb="
+
+    hasher = hashlib.sha256()
+    canonical_headers = policy.canonicalize_headers(message.headers)
+    hash_headers(hasher, policy, canonical_headers, include,
+                 [b"DKIM-Signature", unsigned_value], None)  # fmt: skip
+    signature = _sign_digest(params.key, hasher.digest())
+    return b"DKIM-Signature:" + unsigned_value + _fold_b64(base64.b64encode(signature)) + b"\r\n"
+
+
+def _sign_digest(key: SigningKey, digest: bytes) -> bytes:
+    private = key.private
+    if isinstance(private, rsa.RSAPrivateKey):
+        return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        # RFC 8463: Ed25519 (PureEdDSA) over the SHA-256 of the canonicalized header data.
+        return private.sign(digest)
+    raise DKIMSignError(f"{key.path}: unsupported key type")

@@ -1,0 +1,191 @@
+"""The downstream SMTP client: relays commands verbatim and returns the server's own replies.
+
+Why not aiosmtplib: a transparent proxy must forward each command line exactly as the
+upstream client wrote it (ENVID and ORCPT values are case-sensitive xtext) and hand back the
+downstream's reply lines unchanged, including multi-line replies, for every recipient. That is
+a thin layer over a stream, so this module is one: it knows only how to read a reply, write a
+command (or a pipelined group of them) and transfer a message with dot-stuffing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+#: RFC 5321 4.5.3.1.5 allows 512; real servers send longer lines, so be tolerant.
+MAX_REPLY_LINE = 8192
+MAX_REPLY_LINES = 200
+
+
+class DownstreamError(Exception):
+    """The downstream server could not be reached, timed out, closed or spoke nonsense."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: its code and the text of each line (without code and separator)."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    def render(self) -> bytes:
+        """Wire form, as the downstream sent it (multi-line replies stay multi-line)."""
+        lines = self.lines or ("",)
+        out = [f"{self.code}-{line}\r\n" for line in lines[:-1]]
+        out.append(f"{self.code} {lines[-1]}\r\n" if lines[-1] else f"{self.code}\r\n")
+        return "".join(out).encode("utf-8", "surrogateescape")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}".rstrip()
+
+
+def local_reply(code: int, text: str) -> Reply:
+    return Reply(code, (text,))
+
+
+def dot_stuff(data: bytes) -> bytes:
+    """SMTP transparency (RFC 5321 4.5.2) plus the terminating dot line."""
+    stuffed = data.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    if stuffed and not stuffed.endswith(b"\r\n"):
+        stuffed += b"\r\n"
+    return stuffed + b".\r\n"
+
+
+class RelayClient:
+    """One SMTP session with the downstream server."""
+
+    def __init__(self, host: str, port: int, timeout: float = 300.0) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.extensions: dict[str, str] = {}
+        self.greeting: Reply | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    def supports(self, extension: str) -> bool:
+        return extension.upper() in self.extensions
+
+    async def connect(self, connect_timeout: float = 30.0) -> Reply:
+        """Open the connection and read the greeting (which may be a 4xx/5xx refusal)."""
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port, limit=MAX_REPLY_LINE * 4),
+                connect_timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise DownstreamError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+        self.greeting = await self.read_reply()
+        return self.greeting
+
+    async def ehlo(self, name: str) -> Reply:
+        """EHLO, falling back to HELO when the server does not speak ESMTP."""
+        reply = await self.command(f"EHLO {name}".encode())
+        if reply.code == 250:
+            self.extensions = {}
+            for line in reply.lines[1:]:
+                keyword, _, params = line.partition(" ")
+                self.extensions[keyword.upper()] = params
+            return reply
+        if reply.code in (500, 501, 502, 504):
+            helo = await self.command(f"HELO {name}".encode())
+            self.extensions = {}
+            return helo
+        return reply
+
+    async def command(self, line: bytes) -> Reply:
+        """Send one command line (without CRLF) and return its reply."""
+        self._write(line + b"\r\n")
+        return await self.read_reply()
+
+    async def pipeline(self, lines: list[bytes]) -> list[Reply]:
+        """Send several commands in one write (RFC 2920) and read their replies in order."""
+        self._write(b"".join(line + b"\r\n" for line in lines))
+        return [await self.read_reply() for _ in lines]
+
+    async def send_message(self, data: bytes) -> Reply:
+        """DATA, the dot-stuffed message, and the final reply (or DATA's refusal)."""
+        reply = await self.command(b"DATA")
+        if reply.code != 354:
+            return reply
+        writer = self._require_writer()
+        writer.write(dot_stuff(data))
+        try:
+            await asyncio.wait_for(writer.drain(), self.timeout)
+        except (OSError, TimeoutError) as exc:
+            await self.close()
+            raise DownstreamError(f"writing message to downstream failed: {exc}") from exc
+        return await self.read_reply()
+
+    async def quit(self) -> None:
+        """Polite QUIT; any failure just closes the socket."""
+        if self.connected:
+            with contextlib.suppress(DownstreamError, TimeoutError):
+                await asyncio.wait_for(self.command(b"QUIT"), 5)
+        await self.close()
+
+    async def close(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    def _require_writer(self) -> asyncio.StreamWriter:
+        if self._writer is None or self._writer.is_closing():
+            raise DownstreamError("downstream connection is closed")
+        return self._writer
+
+    def _write(self, data: bytes) -> None:
+        self._require_writer().write(data)
+
+    async def read_reply(self) -> Reply:
+        """Read one (possibly multi-line) reply; any failure closes and raises DownstreamError."""
+        reader = self._reader
+        if reader is None:
+            raise DownstreamError("downstream connection is not open")
+        try:
+            return await asyncio.wait_for(self._read_reply(reader), self.timeout)
+        except TimeoutError as exc:
+            await self.close()
+            raise DownstreamError(f"downstream did not answer within {self.timeout:g}s") from exc
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            await self.close()
+            raise DownstreamError(f"downstream connection lost: {exc!r}") from exc
+
+    async def _read_reply(self, reader: asyncio.StreamReader) -> Reply:
+        code: int | None = None
+        lines: list[str] = []
+        while True:
+            raw = await reader.readuntil(b"\n")
+            line = raw.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+            if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in " -"):
+                await self.close()
+                raise DownstreamError(f"malformed reply from downstream: {line[:80]!r}")
+            this_code = int(line[:3])
+            if code is None:
+                code = this_code
+            elif this_code != code:
+                await self.close()
+                raise DownstreamError("inconsistent codes in a multi-line reply")
+            lines.append(line[4:])
+            if len(line) == 3 or line[3] == " ":
+                return Reply(code, tuple(lines))
+            if len(lines) > MAX_REPLY_LINES:
+                await self.close()
+                raise DownstreamError("downstream reply has too many lines")

@@ -1,0 +1,108 @@
+"""Outbound processing: choose the signatures for a message and compute them.
+
+The session hands over the message bytes; the policy says which signatures the sender gets;
+the DKIM and DomainKeys modules compute them. The result is a list of header fields to put on
+top, DomainKey-Signature first: DomainKeys hashes only the fields below its own signature, and
+with an explicit h= a DKIM-Signature below it is not among them, so both verify.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dkproxy import dkim_signer, domainkeys
+from dkproxy.message import Message, MessageFormatError
+from dkproxy.policy import SignatureSpec, SigningPolicy
+from dkproxy.relay import local_reply
+from dkproxy.session import Envelope, Outcome
+
+log = logging.getLogger("dkproxy.signer")
+
+SIGNING_ERROR_REPLY = "4.3.0 Error: message could not be signed, try again later"
+
+
+class OutboundSigner:
+    """Callable processor for the session: (data, envelope) -> Outcome."""
+
+    def __init__(self, policy: SigningPolicy, reject_error: bool = False) -> None:
+        self.policy = policy
+        self.reject_error = reject_error
+        self._dkim_params: dict[SignatureSpec, dkim_signer.DKIMParams] = {}
+
+    async def __call__(self, data: bytes, envelope: Envelope) -> Outcome:
+        return self.sign(data)
+
+    def _params(self, spec: SignatureSpec) -> dkim_signer.DKIMParams:
+        params = self._dkim_params.get(spec)
+        if params is None:
+            params = dkim_signer.DKIMParams(
+                domain=spec.domain,
+                selector=spec.selector,
+                key=spec.key,
+                algorithm=spec.algorithm,
+                canonicalization=spec.canonicalization,
+                identity=spec.identity,
+                headers=spec.headers,
+            )
+            if len(self._dkim_params) < 4096:  # macro-expanded specs must not grow unbounded
+                self._dkim_params[spec] = params
+        return params
+
+    def sign(self, data: bytes) -> Outcome:
+        try:
+            message = Message(data)
+        except MessageFormatError as exc:
+            return self._failed(f"sender=<> msgid=<> unsigned: {exc}")
+        sender = message.sender()
+        context = f"sender=<{sender or ''}> msgid={message.message_id() or '<>'}"
+        if not message.get_all("from"):
+            # DKIM requires a signed From; such a message passes unsigned, as with DKIMproxy.
+            return Outcome(summary=f"{context} unsigned: no From header")
+        selection = self.policy.select(sender, message.list_id())
+        if not selection.specs:
+            return Outcome(summary=f"{context} unsigned: {selection.reason or 'no rule'}")
+        dk_fields: list[bytes] = []
+        dkim_fields: list[bytes] = []
+        added: list[str] = []
+        skipped: list[str] = []
+        body_hashes = dkim_signer.BodyHashCache(message.body)
+        for spec in selection.specs:
+            label = f"{spec.kind}(d={spec.domain},s={spec.selector},a={spec.algorithm})"
+            try:
+                if spec.kind == "dkim":
+                    dkim_fields.append(dkim_signer.sign(message, self._params(spec), body_hashes))
+                else:
+                    dk_fields.append(
+                        domainkeys.sign(
+                            message,
+                            domain=spec.domain,
+                            selector=spec.selector,
+                            key=spec.key.private,  # type: ignore[arg-type]
+                            canonicalization=spec.canonicalization,
+                            headers=spec.headers,
+                        )
+                    )
+            except domainkeys.DomainKeysError as exc:
+                # A DomainKeys signature that could not verify is worse than none.
+                skipped.append(f"{label} skipped: {exc}")
+                continue
+            except (dkim_signer.DKIMSignError, ValueError) as exc:
+                return self._failed(f"{context} signing failed: {label}: {exc}")
+            added.append(label)
+        summary = f"{context} rule={selection.rule}"
+        summary += f" signed={','.join(added)}" if added else " unsigned"
+        if skipped:
+            summary += " " + "; ".join(skipped)
+        return Outcome(prepend=dk_fields + dkim_fields, summary=summary)
+
+    def _failed(self, summary: str) -> Outcome:
+        if self.reject_error:
+            return Outcome(reject=local_reply(451, SIGNING_ERROR_REPLY), summary=summary)
+        return Outcome(summary=summary)
+
+
+def assemble(data: bytes, outcome: Outcome) -> bytes:
+    """The outbound message: our header fields on top of the original bytes."""
+    if not outcome.prepend:
+        return data
+    return b"".join([*outcome.prepend, data])

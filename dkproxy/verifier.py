@@ -1,0 +1,717 @@
+"""Inbound verification: DKIM and DomainKeys signatures, SPF and DMARC for one message.
+
+The work is split so that DNS never blocks the event loop and crypto never waits on DNS:
+1. every signature header is parsed and checked without the network (malformed ones end here
+   as permerror, which also keeps junk signatures from costing a DNS query);
+2. all key records, the DomainKeys sender policy, the DMARC record and SPF are looked up
+   concurrently through the shared caching `Resolver`;
+3. signatures are verified with the fetched records: DKIM by dkimpy (its canonicalization and
+   verification, fed from the prefetched records through its `dnsfunc` hook), DomainKeys by
+   `dkproxy.domainkeys`.
+
+The report is plain data; `authresults` turns it into a header and `decide` into an SMTP
+verdict, so the SMTP layer needs neither DKIM nor DNS knowledge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from email.utils import getaddresses
+from typing import Literal
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from . import dmarc as dmarc_mod
+from . import domainkeys as dk
+from .dnsresolver import Resolver, TxtResult
+from .message import Message
+from .spf import SpfResult, check_spf
+
+log = logging.getLogger(__name__)
+_dkimpy_log = logging.getLogger(__name__ + ".dkimpy")
+
+Method = Literal["dkim", "domainkeys"]
+#: RFC 8601 result words for dkim= and domainkeys= (plus "none" for unsigned mail).
+SigValue = Literal["pass", "fail", "neutral", "policy", "temperror", "permerror", "none"]
+Action = Literal["accept", "tempfail", "reject"]
+
+DKIM_FIELD = b"dkim-signature"
+DK_FIELD = b"domainkey-signature"
+
+#: When no signature passes, the result that decides per-result actions: the one a retry
+#: could change first, then outright failures, then what a sender can fix.
+_PRIORITY: tuple[SigValue, ...] = ("temperror", "fail", "policy", "permerror", "neutral")
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """What to check and how strictly; also the reject/tempfail policy used by `decide`.
+
+    `actions` maps the message's overall signature result (see
+    `VerificationReport.signature_result`) to accept, tempfail or reject.
+    """
+
+    authserv_id: str
+    max_signatures: int = 5
+    min_key_bits: int = 1024
+    spf: bool = True
+    dmarc: bool = True
+    #: Look up the DomainKeys sender policy (`_domainkey.<sender domain>`, o=-) for mail
+    #: without a passing first-party signature; needed by reject_fail.
+    domainkeys_policy: bool = True
+    #: RFC 8301: rsa-sha1 DKIM signatures must not be considered valid; True only for old peers.
+    allow_sha1: bool = False
+    #: Several TXT records at one selector: try at most this many (RFC 6376 3.6.2.2).
+    max_key_records: int = 3
+    spf_timeout: float = 20.0
+    reject_fail: bool = False
+    reject_error: bool = False
+    actions: Mapping[str, Action] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SignatureResult:
+    """The verdict on one DKIM-Signature or DomainKey-Signature header field."""
+
+    method: Method
+    result: SigValue
+    #: Index of the signature field in `message.headers`.
+    header_index: int
+    domain: str | None = None
+    selector: str | None = None
+    #: DKIM: i= (default "@d="). DomainKeys: the signing address (From or Sender).
+    identity: str | None = None
+    #: DomainKeys only: which header the identity came from.
+    identity_header: Literal["from", "sender"] | None = None
+    algorithm: str | None = None
+    #: First characters of b= (RFC 6008 header.b), to tell signatures of one domain apart.
+    b_prefix: str | None = None
+    key_bits: int | None = None
+    reason: str = ""
+    #: False for signatures beyond `max_signatures`: reported, never verified.
+    checked: bool = True
+    #: The key says t=y: RFC 6376/4870 want such mail treated like unsigned mail.
+    testing: bool = False
+    #: DomainKeys only: the legacy DomainKey-Status word.
+    dk_status: str | None = None
+
+
+@dataclass(frozen=True)
+class DKPolicyResult:
+    """The DomainKeys sender signing policy and what it says about this message."""
+
+    domain: str
+    policy: dk.DKPolicy
+    verdict: Literal["accept", "reject", "neutral"]
+    detail: str = ""
+
+
+@dataclass
+class VerificationReport:
+    signatures: list[SignatureResult] = field(default_factory=list)
+    spf: SpfResult | None = None
+    dmarc: dmarc_mod.DmarcResult | None = None
+    dk_policy: DKPolicyResult | None = None
+    #: Sender (Sender, else From) address used for DomainKeys, if any.
+    sender: str | None = None
+    elapsed: float = 0.0
+
+    @property
+    def dkim(self) -> list[SignatureResult]:
+        return [s for s in self.signatures if s.method == "dkim"]
+
+    @property
+    def domainkeys(self) -> list[SignatureResult]:
+        return [s for s in self.signatures if s.method == "domainkeys"]
+
+    @property
+    def signature_result(self) -> SigValue:
+        """One word for all signatures: pass if any checked one passed, none if unsigned.
+
+        Testing-mode (t=y) signatures that did not pass count as unsigned, as the RFCs ask.
+        """
+        checked = [s for s in self.signatures if s.checked]
+        if any(s.result == "pass" for s in checked):
+            return "pass"
+        relevant = {s.result for s in checked if not s.testing}
+        for value in _PRIORITY:
+            if value in relevant:
+                return value
+        return "none"
+
+    def summary(self) -> str:
+        """A compact one-line description for the per-message log line."""
+        parts = []
+        for s in self.signatures:
+            tag = f"{s.method}={s.result}"
+            if s.domain:
+                tag += f"/{s.domain}"
+            if not s.checked:
+                tag += "(unchecked)"
+            parts.append(tag)
+        if not self.signatures:
+            parts.append("dkim=none")
+        if self.spf is not None:
+            parts.append(f"spf={self.spf.result}/{self.spf.domain}")
+        if self.dmarc is not None:
+            parts.append(f"dmarc={self.dmarc.result}/{self.dmarc.from_domain or '-'}")
+        if self.dk_policy is not None and self.dk_policy.verdict == "reject":
+            parts.append(f"dk-policy=reject/{self.dk_policy.domain}")
+        return " ".join(parts) + f" ({self.elapsed * 1000:.1f} ms)"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the proxy answers at end of DATA; `reply` is empty for accept."""
+
+    action: Action
+    reply: str = ""
+    reason: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Signature preparation (no network)
+
+
+@dataclass
+class _Pending:
+    """A signature that passed the offline checks and now needs its key record(s)."""
+
+    method: Method
+    index: int
+    key_name: str
+    base: SignatureResult
+    dkim_tags: dict[bytes, bytes] | None = None
+    dkim_position: int = 0
+    dk_sig: dk.DKSignature | None = None
+
+
+def _text(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace")
+
+
+def _b_prefix(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    return re.sub(rb"\s+", b"", value)[:8].decode("ascii", "replace") or None
+
+
+def _dkim_base(index: int, tags: dict[bytes, bytes]) -> SignatureResult:
+    d = _text(tags.get(b"d"))
+    identity = _text(tags.get(b"i")) or (f"@{d}" if d else None)
+    return SignatureResult(
+        method="dkim",
+        result="none",
+        header_index=index,
+        domain=d.lower() if d else None,
+        selector=_text(tags.get(b"s")),
+        identity=identity,
+        algorithm=_text(tags.get(b"a")),
+        b_prefix=_b_prefix(tags.get(b"b")),
+    )
+
+
+def _finish(
+    base: SignatureResult, result: SigValue, reason: str, **extra: object
+) -> SignatureResult:
+    return _replace(base, result=result, reason=reason, **extra)
+
+
+def _replace(base: SignatureResult, **changes: object) -> SignatureResult:
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | _Pending:
+    """Offline checks of one DKIM-Signature (RFC 6376 6.1.1); a result if it fails them."""
+    try:
+        tags = parse_tag_value(value)
+    except InvalidTagValueList as exc:
+        base = SignatureResult("dkim", "permerror", index)
+        return _finish(base, "permerror", f"malformed signature: {exc.__class__.__name__}")
+    base = _dkim_base(index, tags)
+    try:
+        dkim.validate_signature_fields(tags)
+    except dkim.ValidationError as exc:
+        return _finish(base, "permerror", str(exc))
+    except Exception as exc:  # dkimpy raises IndexError on some i=/d= combinations
+        return _finish(base, "permerror", f"invalid signature fields ({exc.__class__.__name__})")
+    for name in (b"b", b"bh"):
+        try:
+            base64.b64decode(re.sub(rb"\s+", b"", tags[name]), validate=True)
+        except (binascii.Error, ValueError):
+            return _finish(base, "permerror", f"{name.decode()}= is not valid base64")
+    signed = {h.strip().lower() for h in tags[b"h"].split(b":")}
+    if b"from" not in signed:
+        return _finish(base, "permerror", "From field not signed")
+    try:
+        CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+    except InvalidCanonicalizationPolicyError as exc:
+        return _finish(base, "permerror", f"invalid c= value {exc}")
+    try:
+        domain = tags[b"d"].decode("ascii").rstrip(".")
+        selector = tags[b"s"].decode("ascii")
+    except UnicodeDecodeError:
+        return _finish(base, "permerror", "non-ASCII d= or s=")
+    if not domain or not selector:
+        return _finish(base, "permerror", "empty d= or s=")
+    return _Pending(
+        "dkim",
+        index,
+        f"{selector}._domainkey.{domain}",
+        base,
+        dkim_tags=tags,
+        dkim_position=position,
+    )
+
+
+def _prepare_dk(index: int, value: bytes) -> SignatureResult | _Pending:
+    base = SignatureResult("domainkeys", "none", index, algorithm="rsa-sha1")
+    try:
+        sig = dk.parse_signature(value)
+    except dk.DomainKeysError as exc:
+        res = dk.signature_error_result(exc)
+        tags = _loose_tags(value)
+        return _replace(
+            base,
+            result=res.result,
+            reason=res.detail,
+            dk_status=res.status,
+            domain=(tags.get("d") or "").lower() or None,
+            selector=tags.get("s") or None,
+            b_prefix=_b_prefix((tags.get("b") or "").encode()),
+        )
+    base = _replace(
+        base,
+        domain=sig.d,
+        selector=sig.s,
+        b_prefix=_b_prefix(sig.tags.get("b", "").encode("latin-1")),
+    )
+    return _Pending("domainkeys", index, sig.key_name, base, dk_sig=sig)
+
+
+def _loose_tags(value: bytes) -> dict[str, str]:
+    """Best-effort tag split for reporting signatures we will not (or cannot) verify."""
+    tags: dict[str, str] = {}
+    for part in value.decode("latin-1").split(";"):
+        name, sep, val = part.partition("=")
+        if sep:
+            tags.setdefault(name.strip(), re.sub(r"\s+", "", val))
+    return tags
+
+
+def _unchecked(method: Method, index: int, value: bytes, limit: int) -> SignatureResult:
+    tags = _loose_tags(value)
+    d = (tags.get("d") or "").lower() or None
+    return SignatureResult(
+        method=method,
+        result="policy",
+        header_index=index,
+        domain=d,
+        selector=tags.get("s") or None,
+        identity=(tags.get("i") or (f"@{d}" if d else None)) if method == "dkim" else None,
+        algorithm=tags.get("a") or ("rsa-sha1" if method == "domainkeys" else None),
+        b_prefix=_b_prefix((tags.get("b") or "").encode()),
+        reason=f"not checked: more than {limit} signatures",
+        checked=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Verification with key records (no network)
+
+
+_RANK: dict[str, int] = {"pass": 0, "policy": 1, "fail": 2, "permerror": 3, "neutral": 4}
+
+
+def _best(results: list[SignatureResult]) -> SignatureResult:
+    return min(results, key=lambda r: _RANK.get(r.result, 9))
+
+
+def _key_records(answer: TxtResult, limit: int) -> tuple[list[bytes], str]:
+    note = ""
+    records = list(answer.raw)
+    if len(records) > 1:
+        note = f" ({len(records)} TXT records at selector)"
+    return records[:limit], note
+
+
+def _verify_dkim(
+    message: Message, pending: _Pending, answer: TxtResult, settings: VerifySettings
+) -> SignatureResult:
+    base = pending.base
+    if answer.status == "temperror":
+        return _finish(base, "temperror", f"key lookup failed: {answer.detail}")
+    if answer.status != "ok" or not answer.raw:
+        return _finish(base, "permerror", f"no key for signature ({pending.key_name})")
+    records, note = _key_records(answer, settings.max_key_records)
+    outcomes = [_verify_dkim_record(message, pending, rec, settings) for rec in records]
+    best = _best(outcomes)
+    return _replace(best, reason=best.reason + note) if note else best
+
+
+def _check_key_tags(key: dict[bytes, bytes], sig: dict[bytes, bytes]) -> str | None:
+    """RFC 6376 3.6.1 / 6.1.2 checks dkimpy leaves out; a reason if the key is unusable."""
+    version = key.get(b"v")
+    if version is not None and version != b"DKIM1":
+        return "key record has unsupported version"
+    p = key.get(b"p")
+    if p is None:
+        return "key record has no p= tag"
+    if not re.sub(rb"\s+", b"", p):
+        return "key revoked"
+    ktype = key.get(b"k", b"rsa").lower()
+    if ktype not in (b"rsa", b"ed25519"):
+        return f"unsupported key type k={ktype.decode('ascii', 'replace')}"
+    algorithm = sig[b"a"].lower()
+    if not algorithm.startswith(ktype + b"-"):
+        return "key type does not match signature algorithm"
+    hashes = key.get(b"h")
+    if hashes is not None:
+        wanted = algorithm.split(b"-", 1)[1]
+        if wanted not in {h.strip().lower() for h in hashes.split(b":")}:
+            return f"key does not allow hash {wanted.decode('ascii', 'replace')}"
+    services = key.get(b"s")
+    if services is not None:
+        names = {s.strip().lower() for s in services.split(b":")}
+        if not names & {b"*", b"email"}:
+            return "key is not for email"
+    flags = {f.strip().lower() for f in key.get(b"t", b"").split(b":")}
+    if b"s" in flags:
+        identity = sig.get(b"i", b"@" + sig[b"d"])
+        if identity.rpartition(b"@")[2].lower() != sig[b"d"].lower():
+            return "key forbids subdomain identities (t=s)"
+    return None
+
+
+def _verify_dkim_record(
+    message: Message, pending: _Pending, record: bytes, settings: VerifySettings
+) -> SignatureResult:
+    base = pending.base
+    tags = pending.dkim_tags
+    assert tags is not None
+    try:
+        key = parse_tag_value(record)
+    except InvalidTagValueList:
+        return _finish(base, "permerror", "key record syntax error")
+    problem = _check_key_tags(key, tags)
+    if problem:
+        return _finish(base, "permerror", problem)
+    try:
+        _pk, bits, _ktag, _tlsrpt = dkim.evaluate_pk(pending.key_name, record)
+    except Exception as exc:  # KeyFormatError, binascii.Error, ASN.1 errors...
+        return _finish(base, "permerror", f"unusable key ({exc.__class__.__name__})")
+    testing = b"y" in {f.strip().lower() for f in key.get(b"t", b"").split(b":")}
+    base = _replace(base, key_bits=bits, testing=testing)
+    verifier = dkim.DKIM(logger=_dkimpy_log, minkey=0)
+    # Hand dkimpy the already parsed header list and body instead of re-parsing the bytes.
+    verifier.headers = [[name, value] for name, value in message.headers]
+    verifier.body = message.body
+
+    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes:
+        return record
+
+    try:
+        valid = verifier.verify(idx=pending.dkim_position, dnsfunc=dnsfunc)
+    except dkim.ValidationError as exc:
+        text = str(exc)
+        if "body hash mismatch" in text:
+            return _finish(base, "fail", "body hash mismatch")
+        return _finish(base, "permerror", text[:200])
+    except dkim.DKIMException as exc:
+        return _finish(base, "permerror", str(exc)[:200])
+    except Exception as exc:
+        log.warning("dkimpy failed on signature by %s: %r", base.domain, exc)
+        return _finish(base, "permerror", f"verification error ({exc.__class__.__name__})")
+    if not valid:
+        return _finish(base, "fail", "signature did not verify")
+    ktype = key.get(b"k", b"rsa").lower()
+    if ktype == b"rsa" and bits is not None and bits < settings.min_key_bits:
+        log.warning(
+            "DKIM key %s is %d bits, below the minimum of %d: result policy",
+            pending.key_name,
+            bits,
+            settings.min_key_bits,
+        )
+        return _finish(
+            base, "policy", f"key too short ({bits} bits, {settings.min_key_bits} required)"
+        )
+    if tags[b"a"].lower() == b"rsa-sha1" and not settings.allow_sha1:
+        return _finish(base, "policy", "rsa-sha1 signatures are not accepted (RFC 8301)")
+    return _finish(base, "pass", "good signature" + (" (key in testing mode)" if testing else ""))
+
+
+def _rsa_bits(record: str) -> int | None:
+    """Size of the RSA key in a key record, or None when it cannot be read."""
+    match = re.search(r"(?:^|;)\s*p\s*=\s*([A-Za-z0-9+/=\s]+)", record)
+    if not match:
+        return None
+    data = re.sub(r"\s+", "", match.group(1))
+    try:
+        public = serialization.load_der_public_key(base64.b64decode(data + "=" * (-len(data) % 4)))
+    except Exception:
+        return None
+    return public.key_size if isinstance(public, rsa.RSAPublicKey) else None
+
+
+def _verify_dk(
+    message: Message, pending: _Pending, answer: TxtResult, settings: VerifySettings
+) -> SignatureResult:
+    sig = pending.dk_sig
+    assert sig is not None
+    if answer.status == "temperror":
+        res = dk.dns_error_result(sig, answer.detail)
+        return _from_dk(pending.base, res)
+    if answer.status != "ok" or not answer.raw:
+        return _from_dk(pending.base, dk.verify_with_key(message, pending.index, sig, None))
+    records, note = _key_records(answer, settings.max_key_records)
+    outcomes = []
+    for raw in records:
+        text = raw.decode("utf-8", "replace")
+        result = _from_dk(pending.base, dk.verify_with_key(message, pending.index, sig, text))
+        bits = _rsa_bits(text)
+        result = _replace(result, key_bits=bits)
+        if result.result == "pass" and bits is not None and bits < settings.min_key_bits:
+            log.warning(
+                "DomainKeys key %s is %d bits, below the minimum of %d: result policy",
+                sig.key_name,
+                bits,
+                settings.min_key_bits,
+            )
+            result = _finish(
+                result, "policy", f"key too short ({bits} bits, {settings.min_key_bits} required)"
+            )
+        outcomes.append(result)
+    best = _best(outcomes)
+    return _replace(best, reason=best.reason + note) if note else best
+
+
+def _from_dk(base: SignatureResult, res: dk.DKResult) -> SignatureResult:
+    value: SigValue = res.result
+    return _replace(
+        base,
+        result=value,
+        reason=res.detail,
+        identity=res.identity,
+        identity_header=res.identity_header,
+        testing=res.testing,
+        dk_status=res.status,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Message-level checks
+
+
+def from_domain(message: Message) -> tuple[str | None, str]:
+    """The RFC5322.From domain DMARC applies to, or (None, why not)."""
+    values = message.get_all("from")
+    if not values:
+        return None, "no From field"
+    if len(values) > 1:
+        return None, f"{len(values)} From fields"
+    domains = {
+        addr.rpartition("@")[2].rstrip(".").lower()
+        for _name, addr in getaddresses([values[0].decode("utf-8", "replace")])
+        if "@" in addr
+    }
+    domains.discard("")
+    if not domains:
+        return None, "no address in From"
+    if len(domains) > 1:
+        return None, "From has addresses in several domains"
+    return domains.pop(), ""
+
+
+def _first_party(sig: SignatureResult, domain: str) -> bool:
+    d = (sig.domain or "").lower()
+    return bool(d) and (domain == d or domain.endswith("." + d))
+
+
+async def _dk_policy(
+    resolver: Resolver, domain: str, signatures: list[SignatureResult]
+) -> DKPolicyResult:
+    first_party = any(s.result == "pass" and _first_party(s, domain) for s in signatures)
+    if first_party:
+        # Mail::DKIM's DkPolicy->apply accepts before looking at o=: spare the lookup.
+        return DKPolicyResult(domain, dk.parse_policy(None), "accept", "first-party signature")
+    answer = await resolver.txt(dk.policy_name(domain))
+    if answer.status == "temperror":
+        # Mail::DKIM ignores a policy it cannot fetch; so do we (no reject on DNS trouble).
+        return DKPolicyResult(domain, dk.parse_policy(None), "neutral", "policy lookup failed")
+    record = answer.records[0] if answer.status == "ok" and answer.records else None
+    policy = dk.parse_policy(record)
+    return DKPolicyResult(domain, policy, policy.apply(first_party))
+
+
+async def verify_message(
+    message: Message,
+    *,
+    client_ip: str | None,
+    helo: str | None,
+    mail_from: str | None,
+    resolver: Resolver,
+    settings: VerifySettings,
+) -> VerificationReport:
+    """Check every signature (up to the cap), SPF and DMARC; never raises for bad input."""
+    started = time.perf_counter()
+    report = VerificationReport()
+    results: dict[int, SignatureResult] = {}
+    pending: list[_Pending] = []
+    dkim_position = 0
+    checked = 0
+    for index, (name, value) in enumerate(message.headers):
+        lname = name.lower()
+        if lname not in (DKIM_FIELD, DK_FIELD):
+            continue
+        method: Method = "dkim" if lname == DKIM_FIELD else "domainkeys"
+        position = dkim_position
+        if method == "dkim":
+            dkim_position += 1
+        if checked >= settings.max_signatures:
+            results[index] = _unchecked(method, index, value, settings.max_signatures)
+            continue
+        checked += 1
+        prepared = (
+            _prepare_dkim(index, value, position) if method == "dkim" else _prepare_dk(index, value)
+        )
+        if isinstance(prepared, _Pending):
+            pending.append(prepared)
+        else:
+            results[index] = prepared
+
+    sender = message.sender()
+    report.sender = str(sender) if sender else None
+    author, author_error = from_domain(message)
+
+    # Everything that needs DNS starts now and runs concurrently; the DMARC record is only
+    # warmed here (its evaluation needs the signature results) and then read from the cache.
+    key_names = sorted({p.key_name for p in pending})
+    key_tasks = [asyncio.ensure_future(resolver.txt(n)) for n in key_names]
+    warm: list[asyncio.Future[TxtResult]] = []
+    if settings.dmarc and author:
+        warm.append(asyncio.ensure_future(resolver.txt(f"_dmarc.{author}")))
+    spf_task: asyncio.Future[SpfResult | None] | None = None
+    if settings.spf and client_ip:
+        spf_task = asyncio.ensure_future(
+            check_spf(
+                resolver,
+                client_ip,
+                mail_from,
+                helo,
+                receiver=settings.authserv_id,
+                total_timeout=settings.spf_timeout,
+            )
+        )
+    try:
+        answers = dict(zip(key_names, await asyncio.gather(*key_tasks), strict=True))
+        for item in pending:
+            answer = answers[item.key_name]
+            if item.method == "dkim":
+                results[item.index] = _verify_dkim(message, item, answer, settings)
+            else:
+                results[item.index] = _verify_dk(message, item, answer, settings)
+        report.signatures = [results[i] for i in sorted(results)]
+        if spf_task is not None:
+            report.spf = await spf_task
+        await asyncio.gather(*warm)
+    except BaseException:
+        for task in [*key_tasks, *warm, *([spf_task] if spf_task else [])]:
+            task.cancel()
+        raise
+
+    if settings.domainkeys_policy and sender:
+        report.dk_policy = await _dk_policy(resolver, sender.domain, report.signatures)
+    if settings.dmarc:
+        report.dmarc = await _evaluate_dmarc(resolver, report, author, author_error)
+    report.elapsed = time.perf_counter() - started
+    return report
+
+
+async def _evaluate_dmarc(
+    resolver: Resolver, report: VerificationReport, author: str | None, author_error: str
+) -> dmarc_mod.DmarcResult:
+    passes: list[dmarc_mod.AuthenticatedDomain] = []
+    temporary: list[dmarc_mod.AuthenticatedDomain] = []
+    for sig in report.dkim:
+        if not sig.checked or not sig.domain:
+            continue
+        item = dmarc_mod.AuthenticatedDomain("dkim", sig.domain, sig.result)
+        if sig.result == "pass":
+            passes.append(item)
+        elif sig.result == "temperror":
+            temporary.append(item)
+    if report.spf is not None and report.spf.domain:
+        item = dmarc_mod.AuthenticatedDomain("spf", report.spf.domain, report.spf.result)
+        if report.spf.result == "pass":
+            passes.append(item)
+        elif report.spf.result == "temperror":
+            temporary.append(item)
+    return await dmarc_mod.evaluate(resolver, author, passes, temporary, from_error=author_error)
+
+
+# --------------------------------------------------------------------------------------------
+# Policy
+
+
+def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
+    """The SMTP verdict for a verified message (pure: no I/O, no clock).
+
+    reject_fail: 550 when the sender's published policy says reject (DMARC p=reject, or sp=
+    for a subdomain, with dmarc=fail; DomainKeys o=- without a passing first-party signature).
+    reject_error: 451 on a temporary error that could change the outcome (no signature passed
+    and one hit a temperror, or dmarc=temperror). Then `settings.actions` for the message's
+    overall signature result. Testing-mode signatures never cause a reject.
+    """
+    dmarc = report.dmarc
+    if settings.reject_fail:
+        if dmarc is not None and dmarc.result == "fail" and dmarc.policy == "reject":
+            return Decision(
+                "reject",
+                f"550 5.7.1 Message rejected: DMARC policy of {dmarc.from_domain} "
+                f"says reject ({dmarc.reason})",
+                "dmarc",
+            )
+        policy = report.dk_policy
+        if policy is not None and policy.verdict == "reject":
+            return Decision(
+                "reject",
+                f"550 5.7.1 Message rejected: DomainKeys policy of {policy.domain} requires "
+                "a valid signature",
+                "domainkeys-policy",
+            )
+    overall = report.signature_result
+    if settings.reject_error and (
+        overall == "temperror" or (dmarc is not None and dmarc.result == "temperror")
+    ):
+        return Decision(
+            "tempfail",
+            "451 4.7.5 Temporary failure verifying the message (DNS); please try again later",
+            "temperror",
+        )
+    action = settings.actions.get(overall, "accept")
+    if action == "reject":
+        return Decision(
+            "reject",
+            f"550 5.7.20 Message rejected: signature verification result {overall}",
+            f"action:{overall}",
+        )
+    if action == "tempfail":
+        return Decision(
+            "tempfail",
+            f"451 4.7.5 Signature verification result {overall}; please try again later",
+            f"action:{overall}",
+        )
+    return Decision("accept")

@@ -1,0 +1,306 @@
+"""SMTP semantics of the running proxy: what the upstream is told, what the downstream gets.
+
+Each test starts the real `dkproxy out` daemon between a client speaking SMTP and a recording
+downstream server, then checks replies and what arrived byte for byte.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.client import RawClient
+from tests.support.proxy import ProxyProcess
+from tests.support.sink import CaptureServer, SmtpSink
+from tests.support.testkeys import make_rsa_key
+from tests.support.tools import free_port
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: session test\r\n"
+    b"Message-ID: <session-1@example.org>\r\n"
+    b"\r\n"
+    b"Hello.\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def keyfile(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return make_rsa_key(str(tmp_path_factory.mktemp("keys") / "example.org.key"), 1024)
+
+
+def signing_args(keyfile: str, *extra: str) -> list[str]:
+    return [f"--keyfile={keyfile}", "--selector=sel", "--domain=example.org", *extra]
+
+
+@pytest.fixture
+def capture() -> Iterator[CaptureServer]:
+    with CaptureServer() as server:
+        yield server
+
+
+def start_proxy(keyfile: str, relay: str, *extra: str) -> ProxyProcess:
+    return ProxyProcess("out", signing_args(keyfile, *extra), relay).start()
+
+
+def test_per_recipient_answers_and_final_answer_come_from_downstream(keyfile: str) -> None:
+    rejected = "550 5.1.1 <nobody@example.net>: Recipient address rejected: User unknown"
+    with CaptureServer(rcpt_replies={"nobody@example.net": rejected},
+                       data_reply="250 2.0.0 Ok: queued as ABC123") as down:  # fmt: skip
+        proxy = start_proxy(keyfile, down.address)
+        try:
+            with RawClient(proxy.host, proxy.port) as client:
+                assert client.reply()[0] == 220
+                assert client.command("EHLO client.test")[0] == 250
+                assert client.command("MAIL FROM:<alice@example.org>")[0] == 250
+                assert client.command("RCPT TO:<bob@example.net>") == (250, "2.1.5 Ok")
+                code, text = client.command("RCPT TO:<nobody@example.net>")
+                assert (code, text) == (550, rejected[4:])
+                assert client.command("DATA")[0] == 354
+                client.send(MESSAGE + b".\r\n")
+                assert client.reply() == (250, "2.0.0 Ok: queued as ABC123")
+                assert client.command("QUIT")[0] == 221
+        finally:
+            proxy.stop()
+        (tx,) = down.messages
+        assert tx.accepted_rcpts == ["bob@example.net"]
+        assert tx.data is not None and tx.data.endswith(MESSAGE)
+        assert tx.data.startswith(b"DKIM-Signature:")
+        assert "queued as ABC123" in proxy.log and "d=example.org" in proxy.log
+
+
+def test_esmtp_parameters_and_xforward_pass_through_verbatim(
+    keyfile: str, capture: CaptureServer
+) -> None:
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        code, ehlo = client.command("EHLO client.test")
+        assert code == 250
+        offered = {line.split()[0] for line in ehlo.splitlines()[1:]}
+        assert {"PIPELINING", "SIZE", "8BITMIME", "DSN", "SMTPUTF8", "ENHANCEDSTATUSCODES",
+                "XFORWARD"} <= offered  # fmt: skip
+        xforward = "XFORWARD NAME=mail.client.test ADDR=192.0.2.7 PROTO=ESMTP HELO=Client.Test"
+        assert client.command(xforward)[0] == 250
+        mail = "MAIL FROM:<alice@example.org> SIZE=342 BODY=8BITMIME RET=HDRS ENVID=QQ314159"
+        rcpt = "RCPT TO:<bob@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob@Example.NET"
+        assert client.command(mail)[0] == 250
+        assert client.command(rcpt)[0] == 250
+        assert client.command("DATA")[0] == 354
+        client.send(MESSAGE + b".\r\n")
+        assert client.reply()[0] == 250
+    (tx,) = capture.messages
+    assert tx.mail_line == mail
+    assert tx.rcpts[0].line == rcpt
+    assert tx.xforward == [xforward]
+
+
+def test_unsupported_extensions_are_not_offered(keyfile: str) -> None:
+    caps = ["PIPELINING", "SIZE 1000000", "STARTTLS", "AUTH PLAIN LOGIN", "CHUNKING", "8BITMIME"]
+    with CaptureServer(ehlo_capabilities=caps) as down, \
+            ProxyProcess("out", signing_args(keyfile), down.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        code, ehlo = client.command("EHLO client.test")
+        offered = {line.split()[0] for line in ehlo.splitlines()[1:]}
+        assert code == 250
+        assert offered == {"PIPELINING", "SIZE", "8BITMIME"}
+        assert "SIZE 1000000" in ehlo.splitlines()
+        assert client.command("XFORWARD ADDR=192.0.2.1")[0] == 502
+        assert client.command("STARTTLS")[0] == 502
+
+
+def test_downstream_rejecting_data_is_relayed(keyfile: str) -> None:
+    with CaptureServer(data_reply="554 5.7.1 Message rejected as spam") as down, \
+            ProxyProcess("out", signing_args(keyfile), down.address) as proxy, \
+            proxy.smtp() as client:  # fmt: skip
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
+        assert err.value.smtp_code == 554
+        assert err.value.smtp_error == b"5.7.1 Message rejected as spam"
+        # The session goes on: the next message is accepted.
+        down.data_reply = "250 2.0.0 Ok"
+        assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
+
+
+def test_downstream_temporary_failure_on_data_command_is_relayed(keyfile: str) -> None:
+    with SmtpSink(soft_reject=["DATA"]) as down, \
+            ProxyProcess("out", signing_args(keyfile), down.address) as proxy, \
+            proxy.smtp() as client:  # fmt: skip
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
+        assert err.value.smtp_code == 450
+        assert down.messages() == []
+
+
+def test_downstream_down_gives_421_and_proxy_keeps_serving(keyfile: str) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    with ProxyProcess("out", signing_args(keyfile), dead) as proxy:
+        for _ in range(3):
+            with RawClient(proxy.host, proxy.port) as client:
+                code, text = client.reply()
+                assert code == 421 and "downstream unavailable" in text
+                assert client.closed_by_peer()
+        assert proxy.proc is not None and proxy.proc.poll() is None
+
+
+def test_downstream_closing_mid_transaction_gives_4xx(keyfile: str) -> None:
+    with CaptureServer(disconnect_on=["."]) as down, \
+            ProxyProcess("out", signing_args(keyfile), down.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        client.command("MAIL FROM:<alice@example.org>")
+        client.command("RCPT TO:<bob@example.net>")
+        assert client.command("DATA")[0] == 354
+        client.send(MESSAGE + b".\r\n")
+        code, _ = client.reply()
+        assert 400 <= code < 500
+        assert "downstream failed" in proxy.log
+
+
+def test_downstream_timeout_gives_4xx(keyfile: str) -> None:
+    args = signing_args(keyfile, "--relay_timeout=1")
+    with CaptureServer(delays={".": 5}) as down, \
+            ProxyProcess("out", args, down.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        client.command("MAIL FROM:<alice@example.org>")
+        client.command("RCPT TO:<bob@example.net>")
+        client.command("DATA")
+        client.send(MESSAGE + b".\r\n")
+        started = time.monotonic()
+        code, _ = client.reply()
+        assert 400 <= code < 500
+        assert time.monotonic() - started < 4
+
+
+def test_pipelined_commands_get_replies_in_order(keyfile: str, capture: CaptureServer) -> None:
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        client.send(
+            b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<a@example.net>\r\n"
+            b"RCPT TO:<b@example.net>\r\nDATA\r\n"
+        )
+        assert [code for code, _ in client.replies(4)] == [250, 250, 250, 354]
+        client.send(MESSAGE + b".\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<c@example.net>\r\n"
+                    b"DATA\r\n")  # fmt: skip
+        assert [code for code, _ in client.replies(4)] == [250, 250, 250, 354]
+        client.send(MESSAGE + b".\r\nQUIT\r\n")
+        assert [code for code, _ in client.replies(2)] == [250, 221]
+    assert [tx.accepted_rcpts for tx in capture.messages] == [
+        ["a@example.net", "b@example.net"],
+        ["c@example.net"],
+    ]
+
+
+def test_rset_noop_and_several_messages_per_session(keyfile: str, capture: CaptureServer) -> None:
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        assert client.command("NOOP")[0] == 250
+        client.command("MAIL FROM:<alice@example.org>")
+        client.command("RCPT TO:<dropped@example.net>")
+        assert client.command("RSET")[0] == 250
+        assert client.command("RCPT TO:<x@example.net>")[0] == 503
+        for number in range(3):
+            assert client.command("MAIL FROM:<alice@example.org>")[0] == 250
+            assert client.command(f"RCPT TO:<r{number}@example.net>")[0] == 250
+            assert client.command("DATA")[0] == 354
+            client.send(MESSAGE + b".\r\n")
+            assert client.reply()[0] == 250
+    assert [tx.accepted_rcpts for tx in capture.messages] == [
+        ["r0@example.net"],
+        ["r1@example.net"],
+        ["r2@example.net"],
+    ]
+
+
+def test_bad_commands_get_errors_and_the_server_keeps_serving(
+    keyfile: str, capture: CaptureServer
+) -> None:
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy:
+        with RawClient(proxy.host, proxy.port) as client:
+            client.reply()
+            assert client.command("EHLO")[0] == 501
+            assert client.command("EHLO c.test")[0] == 250
+            assert client.command("FOO bar")[0] == 500
+            assert client.command(b"\x00\xff\xfe")[0] == 500
+            assert client.command("DATA")[0] == 503
+            assert client.command("MAIL alice")[0] == 501
+            assert client.command("RCPT TO:<a@example.net>")[0] == 503
+            assert client.command("MAIL FROM:<alice@example.org>")[0] == 250
+            assert client.command("MAIL FROM:<alice@example.org>")[0] == 503
+            assert client.command("DATA")[0] == 554  # no recipients yet
+            assert client.command(b"NOOP " + b"x" * 10000)[0] == 500
+            assert client.command("RCPT TO:<a@example.net>")[0] == 250
+        with RawClient(proxy.host, proxy.port) as client:
+            client.reply()
+            client.send(b"BOGUS\r\n" * 20)
+            codes = [code for code, _ in client.replies(20)]
+            assert codes[-1] == 421 and set(codes[:-1]) == {500}
+            assert client.closed_by_peer()
+        # A client that disconnects in the middle of DATA loses nothing and harms nothing.
+        with RawClient(proxy.host, proxy.port) as client:
+            client.reply()
+            client.command("EHLO c.test")
+            client.command("MAIL FROM:<alice@example.org>")
+            client.command("RCPT TO:<a@example.net>")
+            client.command("DATA")
+            client.send(b"From: a@example.org\r\n\r\nhalf a mess")
+        with proxy.smtp() as client:
+            assert client.sendmail("alice@example.org", ["b@example.net"], MESSAGE) == {}
+    assert len(capture.messages) == 1
+
+
+def test_message_over_size_limit_is_refused_and_session_continues(
+    keyfile: str, capture: CaptureServer
+) -> None:
+    with ProxyProcess("out", signing_args(keyfile, "--max_message_size=2000"),
+                      capture.address) as proxy, proxy.smtp() as client:  # fmt: skip
+        client.ehlo()
+        assert client.esmtp_features["size"] == "2000"
+        big = MESSAGE + b"x" * 3000 + b"\r\n"
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail("alice@example.org", ["bob@example.net"], big)
+        assert err.value.smtp_code == 552
+        assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
+    assert len(capture.messages) == 1
+
+
+def test_unsigned_passthrough_and_reject_error(keyfile: str, capture: CaptureServer) -> None:
+    foreign = MESSAGE.replace(b"alice@example.org", b"carol@elsewhere.test")
+    no_from = b"To: bob@example.net\r\nSubject: no from\r\n\r\nbody\r\n"
+    malformed = b"From: a@example.org\r\nthis line is not a header\r\n\r\nbody\r\n"
+    with ProxyProcess("out", signing_args(keyfile, "--domain=example.org,example.com"),
+                      capture.address) as proxy, proxy.smtp() as client:  # fmt: skip
+        for message in (foreign, no_from, malformed):
+            assert client.sendmail("carol@elsewhere.test", ["bob@example.net"], message) == {}
+    assert [tx.data for tx in capture.messages] == [foreign, no_from, malformed]
+    assert "unsigned" in proxy.log
+    with ProxyProcess("out", signing_args(keyfile, "--reject-error"), capture.address) as proxy, \
+            proxy.smtp() as client:  # fmt: skip
+        with pytest.raises(smtplib.SMTPDataError) as err:
+            client.sendmail("alice@example.org", ["bob@example.net"], malformed)
+        assert err.value.smtp_code == 451
+        assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
+    assert len(capture.messages) == 4
+
+
+def test_refuses_to_start_on_port_in_use(keyfile: str, capture: CaptureServer) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proxy = ProxyProcess("out", signing_args(keyfile), capture.address, port=port)
+        with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            proxy.start()
