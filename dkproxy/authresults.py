@@ -105,9 +105,10 @@ def _signature_words(sig: SignatureResult) -> list[str]:
             ("header.a", _plain(sig.algorithm or "")),
         ]
         return _resinfo("dkim", sig.result, props, reason, comment, ("header.b", sig.b_prefix))
+    # RFC 8601 registers header.d, header.from and header.sender for domainkeys (no header.b).
     ident = "header.sender" if sig.identity_header == "sender" else "header.from"
     props = [("header.d", d), (ident, _plain(sig.identity or "", address=True))]
-    return _resinfo("domainkeys", sig.result, props, reason, comment, ("header.b", sig.b_prefix))
+    return _resinfo("domainkeys", sig.result, props, reason, comment)
 
 
 def _key_comment(sig: SignatureResult) -> str:

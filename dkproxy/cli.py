@@ -7,11 +7,12 @@ holds for `dkproxy in` and dkimproxy.in. Installed as `dkimproxy.out`/`dkimproxy
 
 from __future__ import annotations
 
+import atexit
 import logging
-import logging.handlers
 import os
+import socket
 import sys
-from collections.abc import Callable
+from typing import Literal
 
 USAGE = """\
 usage: dkproxy COMMAND [options]
@@ -28,86 +29,77 @@ Run `dkproxy COMMAND --help` for the options of a command.
 """
 
 
-def setup_logging(level: str = "info", use_syslog: bool = False) -> None:
-    """One line per event on stderr (journald adds the time), or to syslog's mail facility."""
-    root = logging.getLogger()
-    root.handlers.clear()
-    handler: logging.Handler
-    if use_syslog and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(
-            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL
-        )
-        handler.setFormatter(logging.Formatter(f"dkproxy[{os.getpid()}]: %(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s dkproxy[%(process)d] %(levelname)s %(message)s")
-        )
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-
-
 def _fail(message: str, status: int = 2) -> int:
     print(f"dkproxy: {message}", file=sys.stderr)
     return status
 
 
-def run_proxy(mode: str, argv: list[str]) -> int:
-    """Parse the configuration, load keys and maps, bind, then serve."""
-    from dkproxy import config, server
+def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
+    """Parse the configuration, bind, load keys and maps, drop privileges, then serve."""
+    from dkproxy import config, daemon, server
     from dkproxy.session import SessionSettings
 
     try:
-        cfg = config.parse_proxy_command(mode, argv)  # type: ignore[arg-type]
+        cfg = config.parse_proxy_command(mode, argv)
     except config.ConfigError as exc:
         return _fail(str(exc))
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    setup_logging(cfg.log_level, cfg.syslog)
-    processor_factory, assembler = _mode_parts(mode, cfg, argv)
+    except config.HelpRequested as exc:
+        print(exc.text)
+        return 0
+    daemon.setup_logging(
+        cfg.log_level,
+        use_syslog=cfg.syslog,
+        facility=cfg.syslog_facility,
+        ident=cfg.syslog_ident,
+        log_file=cfg.log_file,
+    )
+    log = logging.getLogger("dkproxy")
+    for warning in cfg.warnings:
+        log.warning("%s", warning)
     settings = SessionSettings(
-        hostname=cfg.hostname or _default_hostname(),
+        hostname=cfg.hostname or socket.getfqdn() or "localhost",
         relay_host=cfg.relay.host,
         relay_port=cfg.relay.port,
         relay_timeout=cfg.relay_timeout,
         max_message_size=cfg.max_message_size,
+        debugtrace=cfg.debugtrace,
     )
     try:
         sock = server.bind(cfg.listen.host, cfg.listen.port)
     except OSError as exc:
         return _fail(str(exc.strerror or exc), 1)
-    try:
-        return server.run(sock, settings, processor_factory, assembler, cfg.workers or 1)
-    except config.ConfigError as exc:
-        return _fail(str(exc))
+    workers = cfg.workers or os.cpu_count() or 1
+    access = daemon.AccessList.build(cfg.allow, cfg.deny, cfg.cidr_allow, cfg.cidr_deny)
 
-
-def _mode_parts(mode: str, cfg: object, argv: list[str]) -> tuple[Callable[[], object], object]:
-    """The processor factory (re-reading the configuration on reload) and the assembler."""
-    from dkproxy import config
+    def after_load() -> None:
+        if cfg.daemonize:
+            daemon.daemonize()
+        daemon.drop_privileges(cfg.user, cfg.group, cfg.chroot)
+        if cfg.pidfile:
+            daemon.write_pidfile(cfg.pidfile)
+            atexit.register(daemon.remove_pidfile, cfg.pidfile)
 
     if mode == "out":
-        from dkproxy.policy import SigningPolicy
-        from dkproxy.signer import OutboundSigner, assemble
+        from dkproxy.signer import assemble, outbound_factory
 
-        first = [True]
+        factory, assembler = outbound_factory(cfg, argv), assemble
+    else:
+        from dkproxy.inbound import assemble_inbound, inbound_factory
 
-        def make_signer() -> OutboundSigner:
-            current = cfg if first[0] else config.parse_proxy_command("out", argv)
-            first[0] = False
-            policy = SigningPolicy.from_config(current)  # type: ignore[arg-type]
-            return OutboundSigner(policy, current.reject_error)  # type: ignore[attr-defined]
-
-        return make_signer, assemble
-    from dkproxy.inbound import make_inbound_parts
-
-    return make_inbound_parts(cfg, argv)
-
-
-def _default_hostname() -> str:
-    import socket
-
-    return socket.getfqdn() or "localhost"
+        factory, assembler = inbound_factory(cfg, argv), assemble_inbound
+    try:
+        return server.run(
+            sock,
+            settings,
+            factory,
+            assembler,
+            workers=workers,
+            access=access,
+            after_load=after_load,
+            max_connections=(cfg.max_requests or 0) if workers > 1 else 0,
+        )
+    except config.ConfigError as exc:
+        return _fail(str(exc))
 
 
 def main(argv: list[str] | None = None) -> int:

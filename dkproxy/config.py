@@ -150,9 +150,7 @@ ACTION_RESULTS: dict[str, frozenset[str]] = {
         {"none", "pass", "fail", "policy", "neutral", "temperror", "permerror"}
     ),
     "spf": frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"}),
-    "dmarc": frozenset(
-        {"none", "pass", "fail", "temperror", "permerror", "quarantine", "reject"}
-    ),
+    "dmarc": frozenset({"none", "pass", "fail", "temperror", "permerror", "quarantine", "reject"}),
 }
 ACTIONS = ("accept", "tempfail", "reject")
 
@@ -635,15 +633,14 @@ def make_signature_template(values: dict[str, Any]) -> SignatureTemplate:
         domain = out["domain"] = str(domain).strip().rstrip(".").lower()
         if "$" in domain:
             check_macros(domain, DOMAIN_MACROS, "d=")
-        elif not is_domain(domain):
+        if not is_domain(_sample(domain)):
             raise ValueError(f"d={domain!r} is not a valid domain name")
     identity = out.get("identity")
     if identity is not None:
         identity = str(identity).strip()
         if "$" in identity:
             check_macros(identity, IDENTITY_MACROS, "i=")
-        else:
-            check_identity_syntax(identity)
+        check_identity_syntax(identity, _sample(identity))
         out["identity"] = identity
     selector = out.get("selector")
     if selector is not None:
@@ -677,8 +674,15 @@ def check_selector(selector: str) -> None:
         raise ValueError(f"selector {selector!r} is not a valid DNS name")
 
 
-def check_identity_syntax(identity: str) -> None:
-    local, at, domain = identity.rpartition("@")
+def _sample(text: str) -> str:
+    """`text` with its macros replaced by typical values, to check the shape of the rest."""
+    samples = {"sender": "user@sub.example", "senderdomain": "sub.example", "$": "$"}
+    return _MACRO_RE.sub(lambda m: samples.get(m.group(1), "sub.example"), text)
+
+
+def check_identity_syntax(identity: str, sample: str | None = None) -> None:
+    """Check i= (with its macros filled by `sample` values); raise ValueError."""
+    local, at, domain = (sample if sample is not None else identity).rpartition("@")
     if not at:
         raise ValueError(f"i={identity!r} needs an '@' (e.g. @example.org or user@example.org)")
     if local and not is_safe_local_part(local):
@@ -736,75 +740,162 @@ _OPTIONS: tuple[_Opt, ...] = (
     _Opt("relay_port", "relay_port", help="relay port (use --relay instead)", metavar="PORT"),
     _Opt("host", "host", help="listen host (Net::Server; use --listen)", metavar="HOST"),
     _Opt("port", "port", help="listen port (Net::Server; use --listen)", metavar="PORT"),
-    _Opt("reject_error", "bool", help="reject (4xx/5xx) instead of passing unsigned/unverified "
-         "mail when an error occurs"),
-    _Opt("hostname", "str", help="host name (inbound: authserv-id in Authentication-Results)",
-         metavar="NAME"),
-    _Opt("relay_timeout", "float", help="seconds to wait for the relay (default 300)",
-         metavar="SECONDS"),
-    _Opt("max_message_size", "size", help="largest message accepted, e.g. 64M (0 = no limit)",
-         metavar="SIZE"),
-    _Opt("workers", "int", help="worker processes (default: one per CPU)", metavar="N",
-         minimum=1),
+    _Opt(
+        "reject_error",
+        "bool",
+        help="reject (4xx/5xx) instead of passing unsigned/unverified mail when an error occurs",
+    ),
+    _Opt(
+        "hostname",
+        "str",
+        help="host name (inbound: authserv-id in Authentication-Results)",
+        metavar="NAME",
+    ),
+    _Opt(
+        "relay_timeout",
+        "float",
+        help="seconds to wait for the relay (default 300)",
+        metavar="SECONDS",
+    ),
+    _Opt(
+        "max_message_size",
+        "size",
+        help="largest message accepted, e.g. 64M (0 = no limit)",
+        metavar="SIZE",
+    ),
+    _Opt("workers", "int", help="worker processes (default: one per CPU)", metavar="N", minimum=1),
     # signing (dkimproxy.out)
-    _Opt("domain", "domains", _OUT, field="domains",
-         help="domain(s) to sign for, comma-separated; one domain signs every message",
-         metavar="DOMAIN[,DOMAIN...]"),
+    _Opt(
+        "domain",
+        "domains",
+        _OUT,
+        field="domains",
+        help="domain(s) to sign for, comma-separated; one domain signs every message",
+        metavar="DOMAIN[,DOMAIN...]",
+    ),
     _Opt("keyfile", "path", _OUT, help="private key file", metavar="FILE"),
-    _Opt("selector", "str", _OUT, help="selector (name of the key record in DNS)",
-         metavar="SELECTOR"),
-    _Opt("method", "str", _OUT, help="canonicalization: relaxed|simple (DKIM), nofws|simple (DK)",
-         metavar="METHOD"),
-    _Opt("dkim_method", "str", _OUT, help="canonicalization for DKIM signatures",
-         metavar="METHOD"),
-    _Opt("domainkeys_method", "str", _OUT, help="canonicalization for DomainKeys signatures",
-         metavar="METHOD"),
-    _Opt("identity", "str", _OUT, help="i= for default DKIM signatures (macros allowed)",
-         metavar="IDENTITY"),
-    _Opt("signature", "signature", _OUT, field="signatures",
-         help="signature to add, repeatable, e.g. dkim(c=relaxed) or domainkeys(c=nofws)",
-         metavar="SPEC"),
+    _Opt(
+        "selector", "str", _OUT, help="selector (name of the key record in DNS)", metavar="SELECTOR"
+    ),
+    _Opt(
+        "method",
+        "str",
+        _OUT,
+        help="canonicalization: relaxed|simple (DKIM), nofws|simple (DK)",
+        metavar="METHOD",
+    ),
+    _Opt("dkim_method", "str", _OUT, help="canonicalization for DKIM signatures", metavar="METHOD"),
+    _Opt(
+        "domainkeys_method",
+        "str",
+        _OUT,
+        help="canonicalization for DomainKeys signatures",
+        metavar="METHOD",
+    ),
+    _Opt(
+        "identity",
+        "str",
+        _OUT,
+        help="i= for default DKIM signatures (macros allowed)",
+        metavar="IDENTITY",
+    ),
+    _Opt(
+        "signature",
+        "signature",
+        _OUT,
+        field="signatures",
+        help="signature to add, repeatable, e.g. dkim(c=relaxed) or domainkeys(c=nofws)",
+        metavar="SPEC",
+    ),
     _Opt("sender_map", "path", _OUT, help="sender map file (DKIMproxy format)", metavar="FILE"),
     _Opt("listid_map", "path", _OUT, help="List-Id map file (DKIMproxy format)", metavar="FILE"),
-    _Opt("min_rsa_bits", "int", _OUT, help="smallest RSA signing key accepted (default 1024)",
-         metavar="BITS", minimum=1024),
+    _Opt(
+        "min_rsa_bits",
+        "int",
+        _OUT,
+        help="smallest RSA signing key accepted (default 1024)",
+        metavar="BITS",
+        minimum=1024,
+    ),
     # verifying (dkimproxy.in)
     _Opt("reject_fail", "bool", _IN, help="reject mail whose DMARC policy is p=reject and fails"),
-    _Opt("dns_server", "dns", _IN, help="DNS resolver to query (default: system resolvers)",
-         metavar="ADDR[:PORT]"),
-    _Opt("dns_timeout", "float", _IN, help="DNS timeout in seconds (default 5)",
-         metavar="SECONDS"),
-    _Opt("max_signatures", "int", _IN, help="signatures verified per message (default 5)",
-         metavar="N", minimum=1),
-    _Opt("min_key_bits", "int", _IN, help="smallest RSA key accepted as valid (default 1024)",
-         metavar="BITS", minimum=1024),
+    _Opt(
+        "dns_server",
+        "dns",
+        _IN,
+        help="DNS resolver to query (default: system resolvers)",
+        metavar="ADDR[:PORT]",
+    ),
+    _Opt("dns_timeout", "float", _IN, help="DNS timeout in seconds (default 5)", metavar="SECONDS"),
+    _Opt(
+        "max_signatures",
+        "int",
+        _IN,
+        help="signatures verified per message (default 5)",
+        metavar="N",
+        minimum=1,
+    ),
+    _Opt(
+        "min_key_bits",
+        "int",
+        _IN,
+        help="smallest RSA key accepted as valid (default 1024)",
+        metavar="BITS",
+        minimum=1024,
+    ),
     _Opt("spf", "bool", _IN, help="check SPF (default on; --no-spf turns it off)"),
     _Opt("dmarc", "bool", _IN, help="evaluate DMARC (default on; --no-dmarc turns it off)"),
     # daemon
     _Opt("daemonize", "bool", help="run in the background", aliases=("setsid", "background")),
     _Opt("user", "str", help="user to run as", metavar="USER"),
     _Opt("group", "str", help="group to run as", metavar="GROUP"),
-    _Opt("pidfile", "path", help="write the process id to FILE", metavar="FILE",
-         aliases=("pid_file",)),
+    _Opt(
+        "pidfile",
+        "path",
+        help="write the process id to FILE",
+        metavar="FILE",
+        aliases=("pid_file",),
+    ),
     _Opt("chroot", "path", help="chroot to DIR after start-up", metavar="DIR"),
-    _Opt("min_servers", "int", help="(Net::Server::PreFork) minimum processes", metavar="N",
-         minimum=0),
+    _Opt(
+        "min_servers",
+        "int",
+        help="(Net::Server::PreFork) minimum processes",
+        metavar="N",
+        minimum=0,
+    ),
     _Opt("max_servers", "int", help="(PreFork) maximum processes", metavar="N", minimum=1),
-    _Opt("min_spare_servers", "int", help="(PreFork) minimum idle processes", metavar="N",
-         minimum=0),
-    _Opt("max_spare_servers", "int", help="(PreFork) maximum idle processes", metavar="N",
-         minimum=0),
-    _Opt("max_requests", "int", help="(PreFork) connections per process before it is replaced",
-         metavar="N", minimum=0),
-    _Opt("allow", "list", help="(Net::Server) client host regex to allow, repeatable",
-         metavar="REGEX"),
-    _Opt("deny", "list", help="(Net::Server) client host regex to deny, repeatable",
-         metavar="REGEX"),
+    _Opt(
+        "min_spare_servers", "int", help="(PreFork) minimum idle processes", metavar="N", minimum=0
+    ),
+    _Opt(
+        "max_spare_servers", "int", help="(PreFork) maximum idle processes", metavar="N", minimum=0
+    ),
+    _Opt(
+        "max_requests",
+        "int",
+        help="(PreFork) connections per process before it is replaced",
+        metavar="N",
+        minimum=0,
+    ),
+    _Opt(
+        "allow",
+        "list",
+        help="(Net::Server) client host regex to allow, repeatable",
+        metavar="REGEX",
+    ),
+    _Opt(
+        "deny", "list", help="(Net::Server) client host regex to deny, repeatable", metavar="REGEX"
+    ),
     _Opt("cidr_allow", "list", help="client network to allow, repeatable", metavar="CIDR"),
     _Opt("cidr_deny", "list", help="client network to deny, repeatable", metavar="CIDR"),
     # logging
-    _Opt("log_level", "loglevel", help="debug|info|warning|error (or Net::Server 0-4)",
-         metavar="LEVEL"),
+    _Opt(
+        "log_level",
+        "loglevel",
+        help="debug|info|warning|error (or Net::Server 0-4)",
+        metavar="LEVEL",
+    ),
     _Opt("log_file", "log_file", help="log file; Sys::Syslog means syslog", metavar="FILE"),
     _Opt("syslog", "bool", help="log to syslog"),
     _Opt("syslog_facility", "str", help="syslog facility (default mail)", metavar="FACILITY"),
@@ -980,8 +1071,7 @@ def _apply_settings(mode: str, settings: list[_Setting], acc: _Values, replace: 
                 elif option.name == "identity":
                     if "$" in value:
                         check_macros(value, IDENTITY_MACROS, "identity")
-                    else:
-                        check_identity_syntax(value)
+                    check_identity_syntax(value, _sample(value))
                 acc.set(target, value, setting.where)
             else:  # pragma: no cover - the option table and this switch must agree
                 raise AssertionError(f"unhandled option kind {kind}")
@@ -1032,7 +1122,9 @@ def _bracket(host: str) -> str:
 # DKIMproxy conf files
 # ---------------------------------------------------------------------------------------------
 
-_CONF_LINE_RE = re.compile(r"(?:--)?([A-Za-z_][\w-]*)(?:\s*[=:]\s*|\s+)(.*)")
+#: Net::Server's `name value`, `name=value`, `name: value`; a colon only separates right after
+#: the name, so "cidr_allow ::1" keeps its value.
+_CONF_LINE_RE = re.compile(r"(?:--)?([A-Za-z_][\w-]*)(?:\s*=\s*|:\s*|\s+)(.*)")
 _CONF_FLAG_RE = re.compile(r"(?:--)?([A-Za-z_][\w-]*)")
 
 
@@ -1102,16 +1194,21 @@ def _guess_mode(path: str, settings: list[_Setting]) -> Mode:
         outs = sorted({s.option.name for s in settings if s.option.modes == _OUT})
         ins = sorted({s.option.name for s in settings if s.option.modes == _IN})
         raise ConfigError(
-            path, None, f"mixes outbound options ({', '.join(outs)}) and inbound options "
-            f"({', '.join(ins)})"
+            path,
+            None,
+            f"mixes outbound options ({', '.join(outs)}) and inbound options ({', '.join(ins)})",
         )
     base = os.path.basename(path).lower()
     if re.search(r"[._-]out\b|out[._-]|\.out$", base):
         return "out"
     if re.search(r"[._-]in\b|in[._-]|\.in$", base):
         return "in"
-    raise ConfigError(path, None, "cannot tell whether this is an outbound or inbound "
-                      "configuration; name the mode (dkproxy out|in, or --mode)")
+    raise ConfigError(
+        path,
+        None,
+        "cannot tell whether this is an outbound or inbound "
+        "configuration; name the mode (dkproxy out|in, or --mode)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1316,7 +1413,7 @@ def _toml_settings(path: str, mode: Mode | None) -> tuple[Mode, _Values]:
             elif "actions" in raw or "dns_server" in raw:
                 file_mode = "in"
             else:
-                raise ConfigError(path, None, "mode: missing; add mode = \"out\" or \"in\"")
+                raise ConfigError(path, None, 'mode: missing; add mode = "out" or "in"')
         mode = file_mode
     elif file_mode is not None and file_mode != mode:
         raise ConfigError(
@@ -1357,9 +1454,22 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
     put("relay_timeout", doc.relay_timeout, "relay_timeout")
     put("max_message_size", doc.max_message_size, "max_message_size")
     daemon = doc.daemon
-    for name in ("user", "group", "daemonize", "workers", "min_servers", "max_servers",
-                 "min_spare_servers", "max_spare_servers", "max_requests", "allow", "deny",
-                 "cidr_allow", "cidr_deny", "chroot"):
+    for name in (
+        "user",
+        "group",
+        "daemonize",
+        "workers",
+        "min_servers",
+        "max_servers",
+        "min_spare_servers",
+        "max_spare_servers",
+        "max_requests",
+        "allow",
+        "deny",
+        "cidr_allow",
+        "cidr_deny",
+        "chroot",
+    ):
         put(name, getattr(daemon, name), f"daemon.{name}")
     put("pidfile", daemon.pidfile, "daemon.pidfile", rel)
     log = doc.log
@@ -1420,8 +1530,9 @@ def _flatten_actions(path: str, actions: dict[str, Any]) -> dict[str, str]:
                 raise ConfigError(path, None, f"actions.{name}: {exc}") from None
             if action not in ACTIONS:
                 raise ConfigError(
-                    path, None, f"actions.{name}: expected one of {', '.join(ACTIONS)}, "
-                    f"got {action!r}"
+                    path,
+                    None,
+                    f"actions.{name}: expected one of {', '.join(ACTIONS)}, got {action!r}",
                 )
             flat[name] = action
     return flat
@@ -1487,8 +1598,9 @@ def _toml_rules(
                 raise ConfigError(path, None, f"sign[{index}].match: {exc}") from None
             if normal in seen:
                 raise ConfigError(
-                    path, None, f"sign[{index}].match: {pattern!r} is already matched by "
-                    f"{seen[normal]}"
+                    path,
+                    None,
+                    f"sign[{index}].match: {pattern!r} is already matched by {seen[normal]}",
                 )
             seen[normal] = f"sign[{index}]"
             result.append(
@@ -1505,9 +1617,6 @@ def _toml_rules(
 def _build(mode: Mode, acc: _Values, files: list[str]) -> AnyConfig:
     values = dict(acc.values)
     values.pop("mode", None)
-    values["source_files"] = files
-    values["warnings"] = list(acc.warnings)
-    values["sources"] = dict(acc.sources)
     if mode == "in":
         actions = dict(values.get("actions", {}))
         if values.get("reject_error"):
@@ -1518,6 +1627,9 @@ def _build(mode: Mode, acc: _Values, files: list[str]) -> AnyConfig:
         values["actions"] = actions
     else:
         _out_checks(acc, values, files)
+    values["source_files"] = files
+    values["warnings"] = list(acc.warnings)
+    values["sources"] = dict(acc.sources)
     cls: type[_CommonConfig] = OutboundConfig if mode == "out" else InboundConfig
     try:
         return cls.model_validate(values)  # type: ignore[return-value]
@@ -1610,8 +1722,9 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
                 # Net::Server also takes a bare "name=value" argument.
                 settings.append(_Setting(option, value, f"{COMMAND_LINE}: {name}", name))
             elif eq and not only_positional and re.fullmatch(r"[A-Za-z_][\w-]*", name):
-                raise ConfigError(COMMAND_LINE, None, f"{arg}: "
-                                  + _unknown_option_message(_norm(name), mode))
+                raise ConfigError(
+                    COMMAND_LINE, None, f"{arg}: " + _unknown_option_message(_norm(name), mode)
+                )
             else:
                 positional.append((arg, f"{COMMAND_LINE}: {arg}"))
             continue
@@ -1634,8 +1747,9 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
             kind = "conf_file" if normal in ("conf_file", "conffile") else "config"
             if conf_file is not None and conf_file[0] != value:
                 raise ConfigError(
-                    COMMAND_LINE, None, f"{spelled}: only one configuration file can be given "
-                    f"(already {conf_file[0]})"
+                    COMMAND_LINE,
+                    None,
+                    f"{spelled}: only one configuration file can be given (already {conf_file[0]})",
                 )
             conf_file = (value, kind)
             continue
@@ -1646,8 +1760,9 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
             if candidate is not None and candidate.kind == "bool":
                 option, negated = candidate, True
         if option is None:
-            raise ConfigError(COMMAND_LINE, None, f"{spelled}: "
-                              + _unknown_option_message(normal, mode))
+            raise ConfigError(
+                COMMAND_LINE, None, f"{spelled}: " + _unknown_option_message(normal, mode)
+            )
         if option.kind == "ignore":
             if value is None and index < len(argv) and not argv[index].startswith("--"):
                 value = argv[index]  # Net::Server: the next word is the value
@@ -1657,9 +1772,11 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
                 if value is not None:
                     raise ConfigError(COMMAND_LINE, None, f"{spelled}: takes no value")
                 value = "0"
-            elif value is None and index < len(argv) and argv[index].lower() in (
-                _TRUE_WORDS | _FALSE_WORDS
-            ) - {""}:
+            elif (
+                value is None
+                and index < len(argv)
+                and argv[index].lower() in (_TRUE_WORDS | _FALSE_WORDS) - {""}
+            ):
                 # Net::Server takes the next word as the flag's value ("--daemonize 1").
                 value = argv[index]
                 index += 1
@@ -1673,8 +1790,9 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
     if len(positional) not in (0, 2):
         shown = " ".join(text for text, _ in positional)
         raise ConfigError(
-            COMMAND_LINE, None, f"wrong number of arguments ({shown}); expected LISTENADDR:PORT "
-            "RELAYADDR:PORT or none"
+            COMMAND_LINE,
+            None,
+            f"wrong number of arguments ({shown}); expected LISTENADDR:PORT RELAYADDR:PORT or none",
         )
 
     files: list[str] = []
@@ -1711,20 +1829,22 @@ def help_text(mode: Mode) -> str:
         "  -h, --help               show this text",
     ]
     sections = (
-        ("SMTP", ("listen", "relay", "reject_error", "hostname", "relay_timeout",
-                  "max_message_size", "workers")),
-        ("signing", ("domain", "keyfile", "selector", "method", "dkim_method",
-                     "domainkeys_method", "identity", "signature", "sender_map", "listid_map",
-                     "min_rsa_bits")),
-        ("verifying", ("reject_fail", "dns_server", "dns_timeout", "max_signatures",
-                       "min_key_bits", "spf", "dmarc")),
-        ("daemon", ("daemonize", "user", "group", "pidfile", "chroot", "min_servers",
-                    "max_servers", "min_spare_servers", "max_spare_servers", "max_requests",
-                    "cidr_allow", "cidr_deny")),
-        ("logging", ("log_level", "syslog", "syslog_facility", "log_file", "debugtrace")),
+        ("SMTP", "listen relay reject_error hostname relay_timeout max_message_size workers"),
+        (
+            "signing",
+            "domain keyfile selector method dkim_method domainkeys_method identity signature "
+            "sender_map listid_map min_rsa_bits",
+        ),
+        ("verifying", "reject_fail dns_server dns_timeout max_signatures min_key_bits spf dmarc"),
+        (
+            "daemon",
+            "daemonize user group pidfile chroot min_servers max_servers min_spare_servers "
+            "max_spare_servers max_requests cidr_allow cidr_deny",
+        ),
+        ("logging", "log_level syslog syslog_facility log_file debugtrace"),
     )
     for title, names in sections:
-        options = [_BY_NAME[n] for n in names if mode in _BY_NAME[n].modes]
+        options = [_BY_NAME[n] for n in names.split() if mode in _BY_NAME[n].modes]
         if not options:
             continue
         lines += ["", f"{title} options:"]

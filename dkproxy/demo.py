@@ -181,7 +181,7 @@ def _verify(delivered: bytes, records: dict[str, str]) -> int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dkproxy demo", description=__doc__)
     parser.parse_args(argv)
-    from dkproxy.cli import setup_logging
+    from dkproxy.daemon import setup_logging
 
     setup_logging("info")
     with tempfile.TemporaryDirectory(prefix="dkproxy-demo-") as workdir:

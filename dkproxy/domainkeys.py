@@ -652,8 +652,9 @@ def verify_with_key(
 ) -> DKResult:
     """Verify the signature at `message.headers[sig_position]` against the key TXT record.
 
-    `key_record` is the joined TXT text found at `sig.key_name`, or None when the name does
-    not exist. DNS failures are the caller's to report (see `dns_error_result`).
+    `key_record` is the TXT text found at `sig.key_name` (the first record, its strings
+    joined, as Mail::DKIM takes it), or None when there is none. DNS failures are the
+    caller's to report (see `dns_error_result`).
     """
     if sig_position not in signature_positions(message):
         raise ValueError(f"header field {sig_position} is not a {FIELD_NAME}")

@@ -170,8 +170,7 @@ def _macro_value(name: str, sender: Address | None, key: str | None) -> str:
             return sender.domain
         if not is_safe_local_part(sender.local):
             raise _Unsafe(
-                f"sender local part {_shown(sender.local)} has characters a DKIM tag "
-                "cannot carry"
+                f"sender local part {_shown(sender.local)} has characters a DKIM tag cannot carry"
             )
         return f"{sender.local}@{sender.domain}"
     if name in ("key", "keydomain"):
@@ -568,9 +567,7 @@ class _Builder:
         default: bool = False,
         exact_key_domain: str | None = None,
     ) -> _Rule:
-        prepared = tuple(
-            self.prepare(t, key_domain, default, exact_key_domain) for t in templates
-        )
+        prepared = tuple(self.prepare(t, key_domain, default, exact_key_domain) for t in templates)
         return _Rule(name, label, prepared, key_domain, where, exact_key_domain)
 
     def prepare(
@@ -623,9 +620,7 @@ class _Builder:
         if template.kind == "dkim":
             canon = template.canonicalization or cfg.dkim_method or cfg.method or "relaxed"
         else:
-            canon = (
-                template.canonicalization or cfg.domainkeys_method or cfg.method or "nofws"
-            )
+            canon = template.canonicalization or cfg.domainkeys_method or cfg.method or "nofws"
         try:
             check_canonicalization(template.kind, canon)
         except ValueError as exc:
@@ -653,6 +648,7 @@ class _Builder:
             if missing:
                 raise fail(f"h= must include {', '.join(missing)} (RFC 6376 5.4)")
 
+        shown_domain = key_domain if domain.text == "$key" and key_domain else domain.text
         prepared = _Prepared(
             kind=template.kind,
             selector=selector,
@@ -663,7 +659,7 @@ class _Builder:
             domain=domain,
             identity=identity,
             source=where,
-            label=f"{template.kind}(d={domain.text}, s={selector}) from {where}",
+            label=f"{template.kind}(d={shown_domain}, s={selector}) from {where}",
         )
         # Check values fixed per rule now, so a wrong i= is a start-up error, not a skip.
         if domain.macros <= {"key", "keydomain"}:
@@ -690,9 +686,7 @@ class _Builder:
                 raise fail(f"DomainKeys only supports a=rsa-sha1, not {wanted}")
             return "rsa-sha1"
         if wanted == "rsa-sha1":
-            raise fail(
-                "a=rsa-sha1 must not be used for DKIM signing (RFC 8301); use rsa-sha256"
-            )
+            raise fail("a=rsa-sha1 must not be used for DKIM signing (RFC 8301); use rsa-sha256")
         natural = "rsa-sha256" if key.kind == "rsa" else "ed25519-sha256"
         if wanted is not None and wanted != natural:
             raise fail(f"a={wanted} does not fit the {key.kind} key {key.path} (use {natural})")

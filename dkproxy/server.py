@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from dkproxy.daemon import AccessList
 from dkproxy.session import Assembler, Processor, SessionSettings, SmtpSession
 
 log = logging.getLogger("dkproxy.server")
@@ -50,23 +51,44 @@ class ProxyServer:
         processor: Processor,
         processor_factory: ProcessorFactory,
         assembler: Assembler,
+        access: AccessList | None = None,
     ) -> None:
         self.sock = sock
+        self.access = access or AccessList()
         self.settings = settings
         self.processor = processor
         self.processor_factory = processor_factory
         self.assembler = assembler
         self.sessions: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
+        self.max_connections = 0
+        self.connections = 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
+        self.connections += 1
+        if self.max_connections and self.connections >= self.max_connections:
+            assert self._stopping is not None
+            self._stopping.set()  # retire after this session; the supervisor starts a new one
         try:
+            if self.access.active and not self._permitted(writer):
+                return
             await SmtpSession(reader, writer, self.settings, self.processor, self.assembler).run()
         finally:
             self.sessions.discard(task)
+
+    def _permitted(self, writer: asyncio.StreamWriter) -> bool:
+        """Net::Server's allow/deny: a refused client gets 554 and the connection is closed."""
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) else ""
+        if self.access.permits(address):
+            return True
+        log.warning("client=%s refused by the access list", address)
+        writer.write(b"554 5.7.1 Access denied\r\n")
+        writer.close()
+        return False
 
     def reload(self) -> None:
         try:
@@ -116,17 +138,26 @@ def run(
     processor_factory: ProcessorFactory,
     assembler: Assembler,
     workers: int = 1,
+    access: AccessList | None = None,
+    after_load: Callable[[], None] | None = None,
+    max_connections: int = 0,
 ) -> int:
     """Serve until stopped; returns the exit status.
 
     The processor is built here, before any fork, so that a bad key or map file stops the
-    start in the foreground with its error instead of killing workers one by one.
+    start in the foreground with its error instead of killing workers one by one; then
+    `after_load` runs (daemonize, drop privileges, pid file). `max_connections` makes a
+    worker retire after that many connections (Net::Server's max_requests); 0: never.
     """
     processor = processor_factory()
+    if after_load is not None:
+        after_load()
     runner = _event_loop_runner()
 
     def serve_here() -> None:
-        runner(ProxyServer(sock, settings, processor, processor_factory, assembler).serve())
+        server = ProxyServer(sock, settings, processor, processor_factory, assembler, access)
+        server.max_connections = max_connections
+        runner(server.serve())
 
     if workers <= 1:
         serve_here()

@@ -68,7 +68,8 @@ class Outcome:
     prepend: list[bytes] = field(default_factory=list)
     reject: Reply | None = None
     summary: str = ""
-    remove_headers: list[int] = field(default_factory=list)
+    #: (start, end) byte ranges of header fields to drop (forged Authentication-Results).
+    remove_ranges: list[tuple[int, int]] = field(default_factory=list)
 
 
 #: A processor turns (message bytes, envelope) into an Outcome: the signer or the verifier.
@@ -86,6 +87,8 @@ class SessionSettings:
     command_timeout: float = 300.0
     max_message_size: int = 64 << 20
     ident: str = "dkproxy"
+    #: Log every command and reply (DKIMproxy's debugtrace); message bodies are not logged.
+    debugtrace: bool = False
 
 
 class ClientGone(Exception):
@@ -215,6 +218,8 @@ class SmtpSession:
     # -- plumbing -------------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
+        if self.settings.debugtrace:
+            log.info("client=%s < %r", self.peer, data)
         self.writer.write(data)
         if not self.stream.has_buffered:
             # Like Postfix: with pipelined input pending, replies are flushed in one write.
@@ -294,6 +299,8 @@ class SmtpSession:
         await self.send(_reply(code, text))
 
     async def dispatch(self, line: bytes) -> None:
+        if self.settings.debugtrace:
+            log.info("client=%s > %r", self.peer, line)
         verb, _, arg = line.partition(b" ")
         name = verb.upper().decode("ascii", "replace")
         handler = self._COMMANDS.get(name)

@@ -209,6 +209,15 @@ def _b_prefix(value: bytes | None) -> str | None:
     return re.sub(rb"\s+", b"", value)[:8].decode("ascii", "replace") or None
 
 
+def _tidy(exc: Exception) -> str:
+    """dkimpy's message without Python bytes reprs (b'h' -> h), short enough for a header."""
+    return re.sub(r"b'([^']*)'", r"\1", str(exc))[:200]
+
+
+def _internal(exc: Exception) -> str:
+    return f"internal error ({exc.__class__.__name__})"
+
+
 def _dkim_base(index: int, tags: dict[bytes, bytes]) -> SignatureResult:
     d = _text(tags.get(b"d"))
     identity = _text(tags.get(b"i")) or (f"@{d}" if d else None)
@@ -224,10 +233,8 @@ def _dkim_base(index: int, tags: dict[bytes, bytes]) -> SignatureResult:
     )
 
 
-def _finish(
-    base: SignatureResult, result: SigValue, reason: str, **extra: object
-) -> SignatureResult:
-    return _replace(base, result=result, reason=reason, **extra)
+def _finish(base: SignatureResult, result: SigValue, reason: str) -> SignatureResult:
+    return _replace(base, result=result, reason=reason)
 
 
 def _replace(base: SignatureResult, **changes: object) -> SignatureResult:
@@ -245,7 +252,7 @@ def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | 
     try:
         dkim.validate_signature_fields(tags)
     except dkim.ValidationError as exc:
-        return _finish(base, "permerror", str(exc))
+        return _finish(base, "permerror", _tidy(exc))
     except Exception as exc:  # dkimpy raises IndexError on some i=/d= combinations
         return _finish(base, "permerror", f"invalid signature fields ({exc.__class__.__name__})")
     for name in (b"b", b"bh"):
@@ -426,12 +433,12 @@ def _verify_dkim_record(
     try:
         valid = verifier.verify(idx=pending.dkim_position, dnsfunc=dnsfunc)
     except dkim.ValidationError as exc:
-        text = str(exc)
+        text = _tidy(exc)
         if "body hash mismatch" in text:
             return _finish(base, "fail", "body hash mismatch")
-        return _finish(base, "permerror", text[:200])
+        return _finish(base, "permerror", text)
     except dkim.DKIMException as exc:
-        return _finish(base, "permerror", str(exc)[:200])
+        return _finish(base, "permerror", _tidy(exc))
     except Exception as exc:
         log.warning("dkimpy failed on signature by %s: %r", base.domain, exc)
         return _finish(base, "permerror", f"verification error ({exc.__class__.__name__})")
@@ -584,9 +591,15 @@ async def verify_message(
             results[index] = _unchecked(method, index, value, settings.max_signatures)
             continue
         checked += 1
-        prepared = (
-            _prepare_dkim(index, value, position) if method == "dkim" else _prepare_dk(index, value)
-        )
+        try:
+            prepared = (
+                _prepare_dkim(index, value, position)
+                if method == "dkim"
+                else _prepare_dk(index, value)
+            )
+        except Exception as exc:  # a bug must cost one signature, never the message
+            log.exception("cannot parse %s field %d", method, index)
+            prepared = SignatureResult(method, "permerror", index, reason=_internal(exc))
         if isinstance(prepared, _Pending):
             pending.append(prepared)
         else:
@@ -619,10 +632,12 @@ async def verify_message(
         answers = dict(zip(key_names, await asyncio.gather(*key_tasks), strict=True))
         for item in pending:
             answer = answers[item.key_name]
-            if item.method == "dkim":
-                results[item.index] = _verify_dkim(message, item, answer, settings)
-            else:
-                results[item.index] = _verify_dk(message, item, answer, settings)
+            check = _verify_dkim if item.method == "dkim" else _verify_dk
+            try:
+                results[item.index] = check(message, item, answer, settings)
+            except Exception as exc:
+                log.exception("cannot verify %s signature by %s", item.method, item.base.domain)
+                results[item.index] = _finish(item.base, "permerror", _internal(exc))
         report.signatures = [results[i] for i in sorted(results)]
         if spf_task is not None:
             report.spf = await spf_task

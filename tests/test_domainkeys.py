@@ -195,10 +195,8 @@ IDENTITY = {
 }
 
 
-def _sign(
-    data: bytes, c: str = "nofws", selector: str = "sel", key: rsa.RSAPrivateKey | None = None
-) -> bytes:
-    assert key is not None
+def _sign(data: bytes, c: str = "nofws", selector: str = "sel", *, key: rsa.RSAPrivateKey) -> bytes:
+    """Our DomainKey-Signature field for `data` (selector under this module's prefix)."""
     message = Message(data)
     return dk.sign(
         message, domain=DOMAIN, selector=f"{SEL}-{selector}", key=key, canonicalization=c

@@ -245,6 +245,10 @@ class DNSServer:
   server-count: 1
   hide-version: yes
   verbosity: 1
+  # Debian's NSD rate-limits answers per client (RRL, 200/s by default); the tests ask in
+  # bursts from one address, so turn it off.
+  rrl-ratelimit: 0
+  rrl-whitelist-ratelimit: 0
 remote-control:
   control-enable: no
 zone:

@@ -1,0 +1,155 @@
+"""Process set-up around the proxy: logging, client access lists, pid file, privileges.
+
+These are DKIMproxy's Net::Server options. A set-up may rely on `cidr_allow` to keep strangers
+off the signing port, so every option that is accepted is enforced; none is silently ignored.
+Order at start-up (see cli.py): bind the port and load keys as root, then chroot, drop
+privileges, write the pid file, and only then serve.
+"""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import logging
+import logging.handlers
+import os
+import pwd
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger("dkproxy.daemon")
+
+_FACILITIES = logging.handlers.SysLogHandler.facility_names
+
+
+def setup_logging(
+    level: str = "info",
+    *,
+    use_syslog: bool = False,
+    facility: str = "mail",
+    ident: str | None = None,
+    log_file: str | None = None,
+) -> None:
+    """One line per event: to stderr by default (journald adds the time), syslog or a file."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler: logging.Handler
+    name = ident or "dkproxy"
+    if log_file == "Sys::Syslog":  # Net::Server's way of saying "syslog"
+        use_syslog, log_file = True, None
+    if use_syslog:
+        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
+        handler = logging.handlers.SysLogHandler(
+            address=address, facility=_FACILITIES.get(facility, _FACILITIES["mail"])
+        )
+        handler.setFormatter(logging.Formatter(f"{name}[%(process)d]: %(message)s"))
+    else:
+        handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {name}[%(process)d] %(levelname)s %(message)s")
+        )
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+@dataclass(frozen=True)
+class AccessList:
+    """Net::Server's allow/deny (regexes on the peer address) and cidr_allow/cidr_deny.
+
+    As in Net::Server: with no allow rule at all every client is allowed; a deny match always
+    refuses; otherwise an allow match is needed.
+    """
+
+    allow: tuple[re.Pattern[str], ...] = ()
+    deny: tuple[re.Pattern[str], ...] = ()
+    cidr_allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    cidr_deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        cidr_allow: Sequence[str] = (),
+        cidr_deny: Sequence[str] = (),
+    ) -> AccessList:
+        return cls(
+            tuple(re.compile(pattern) for pattern in allow),
+            tuple(re.compile(pattern) for pattern in deny),
+            tuple(ipaddress.ip_network(net, strict=False) for net in cidr_allow),
+            tuple(ipaddress.ip_network(net, strict=False) for net in cidr_deny),
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.allow or self.deny or self.cidr_allow or self.cidr_deny)
+
+    def permits(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return not (self.allow or self.cidr_allow)
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        text = str(address)
+        if any(p.fullmatch(text) for p in self.deny) or any(address in n for n in self.cidr_deny):
+            return False
+        if not (self.allow or self.cidr_allow):
+            return True
+        return any(p.fullmatch(text) for p in self.allow) or any(
+            address in net for net in self.cidr_allow
+        )
+
+
+def drop_privileges(user: str | None, group: str | None, chroot: str | None = None) -> None:
+    """chroot, then setgid/setuid; errors name the user/group and stop the start."""
+    uid = gid = None
+    if user:
+        try:
+            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise SystemExit(f"dkproxy: user {user!r} does not exist") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+        except KeyError:
+            raise SystemExit(f"dkproxy: group {group!r} does not exist") from None
+    if chroot:
+        os.chroot(chroot)
+        os.chdir("/")
+    if gid is not None and os.getegid() != gid:
+        os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None and os.geteuid() != uid:
+        os.setuid(uid)
+        log.info("running as uid %d gid %d", os.getuid(), os.getgid())
+
+
+def daemonize() -> None:
+    """Detach from the terminal (double fork, new session), stdio to /dev/null."""
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def write_pidfile(path: str) -> None:
+    with open(path, "w", encoding="ascii") as handle:
+        handle.write(f"{os.getpid()}\n")
+
+
+def remove_pidfile(path: str) -> None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            if handle.read().strip() == str(os.getpid()):
+                os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,152 @@
+"""Inbound processing: verify a message and record the verdicts in Authentication-Results.
+
+The session hands over the message; the verifier checks DKIM, DomainKeys, SPF and DMARC (DNS
+through one cached resolver per process); this module turns the report into the header to
+add, the forged Authentication-Results to drop, and the SMTP verdict: DKIMproxy's reject_fail
+and reject_error, then the per-result actions of the native configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+from dkproxy.authresults import (
+    authentication_results,
+    forged_authentication_results,
+    header_byte_ranges,
+)
+from dkproxy.config import InboundConfig, parse_proxy_command
+from dkproxy.dnsresolver import Resolver
+from dkproxy.message import Message, MessageFormatError
+from dkproxy.relay import Reply
+from dkproxy.session import Envelope, Outcome
+from dkproxy.verifier import (
+    SignatureResult,
+    VerificationReport,
+    VerifySettings,
+    decide,
+    verify_message,
+)
+
+log = logging.getLogger("dkproxy.inbound")
+
+#: Which per-method result wins when several signatures of one method disagree.
+_PRIORITY = ("pass", "temperror", "fail", "policy", "permerror", "neutral")
+
+
+def method_results(report: VerificationReport) -> dict[str, str]:
+    """One result per method, as the `actions` keys name them (METHOD.RESULT)."""
+
+    def combined(signatures: list[SignatureResult]) -> str:
+        found = {s.result for s in signatures if s.checked and not s.testing}
+        return next((value for value in _PRIORITY if value in found), "none")
+
+    results = {"dkim": combined(report.dkim), "domainkeys": combined(report.domainkeys)}
+    if report.spf is not None:
+        results["spf"] = report.spf.result
+    if report.dmarc is not None:
+        results["dmarc"] = report.dmarc.result
+    return results
+
+
+def action_for(report: VerificationReport, actions: Mapping[str, str]) -> tuple[str, str]:
+    """The strictest configured action that applies: (action, the METHOD.RESULT that chose it)."""
+    keys = [f"{method}.{result}" for method, result in method_results(report).items()]
+    dmarc = report.dmarc
+    if dmarc is not None and dmarc.result == "fail" and dmarc.policy in ("quarantine", "reject"):
+        keys.append(f"dmarc.{dmarc.policy}")
+    chosen = ("accept", "")
+    for key in keys:
+        action = actions.get(key, "accept")
+        if action == "reject" or (action == "tempfail" and chosen[0] == "accept"):
+            chosen = (action, key)
+    return chosen
+
+
+class InboundVerifier:
+    """Callable processor for the session: (data, envelope) -> Outcome."""
+
+    def __init__(self, cfg: InboundConfig, resolver: Resolver | None = None) -> None:
+        self.authserv_id = cfg.hostname
+        self.actions = dict(cfg.actions)
+        self.resolver = resolver or Resolver(
+            server=str(cfg.dns_server) if cfg.dns_server else None, timeout=cfg.dns_timeout
+        )
+        self.settings = VerifySettings(
+            authserv_id=cfg.hostname,
+            max_signatures=cfg.max_signatures,
+            min_key_bits=cfg.min_key_bits,
+            spf=cfg.spf,
+            dmarc=cfg.dmarc,
+            reject_fail=cfg.reject_fail,
+            reject_error=cfg.reject_error,
+        )
+
+    async def __call__(self, data: bytes, envelope: Envelope) -> Outcome:
+        try:
+            message = Message(data)
+        except MessageFormatError as exc:
+            # Nothing can be verified; say so rather than pass the mail without a verdict.
+            report = VerificationReport()
+            header = authentication_results(report, self.authserv_id)
+            return Outcome(prepend=[header], summary=f"not verified: {exc}")
+        report = await verify_message(
+            message,
+            client_ip=envelope.client_address,
+            helo=envelope.client_helo,
+            mail_from=envelope.mail_from,
+            resolver=self.resolver,
+            settings=self.settings,
+        )
+        header = authentication_results(report, self.authserv_id)
+        forged = forged_authentication_results(message, self.authserv_id)
+        summary = f"sender=<{report.sender or ''}> msgid={message.message_id() or '<>'} "
+        summary += report.summary()
+        if forged:
+            summary += f" removed {len(forged)} forged Authentication-Results"
+        reject = self._verdict(report)
+        if reject is not None:
+            summary += f" -> {reject}"
+        return Outcome(
+            prepend=[header],
+            reject=reject,
+            summary=summary,
+            remove_ranges=header_byte_ranges(message, forged),
+        )
+
+    def _verdict(self, report: VerificationReport) -> Reply | None:
+        decision = decide(report, self.settings)
+        if decision.action == "accept":
+            action, key = action_for(report, self.actions)
+            if action == "reject":
+                return Reply(550, (f"5.7.1 Message rejected: {key}",))
+            if action == "tempfail":
+                return Reply(451, (f"4.7.1 Message deferred: {key}, please try again later",))
+            return None
+        code, _, text = decision.reply.partition(" ")
+        return Reply(int(code), (text,))
+
+
+def inbound_factory(cfg: InboundConfig, argv: list[str]) -> Callable[[], InboundVerifier]:
+    """Builds the verifier from `cfg` at start, and from the re-read command line on reload."""
+    pending: list[InboundConfig] = [cfg]
+
+    def build() -> InboundVerifier:
+        current = pending.pop() if pending else parse_proxy_command("in", argv)
+        if not isinstance(current, InboundConfig):
+            raise TypeError("inbound configuration expected")
+        return InboundVerifier(current)
+
+    return build
+
+
+def assemble_inbound(data: bytes, outcome: Outcome) -> bytes:
+    """Our Authentication-Results on top, forged ones cut out, everything else unchanged."""
+    parts = list(outcome.prepend)
+    position = 0
+    for start, end in sorted(outcome.remove_ranges):
+        parts.append(data[position:start])
+        position = end
+    parts.append(data[position:] if position else data)
+    return b"".join(parts)
