@@ -123,9 +123,12 @@ def _key_comment(sig: SignatureResult) -> str:
 def result_words(report: VerificationReport) -> list[list[str]]:
     """All resinfo clauses of the report, in header order, each as a list of words."""
     clauses: list[list[str]] = [_signature_words(sig) for sig in report.signatures]
+    # RFC 8601 wants a result for each method tried: unsigned mail is dkim=none and
+    # domainkeys=none (DKIMproxy wrote an empty "host;" header instead).
     if not report.dkim:
-        # RFC 8601 wants a result for each method tried: unsigned mail is dkim=none.
         clauses.insert(0, ["dkim=none"])
+    if not report.domainkeys:
+        clauses.append(["domainkeys=none"])
     spf = report.spf
     if spf is not None:
         if spf.scope == "mailfrom":

@@ -14,7 +14,9 @@ Net::Server it is built on (Net::Server::process_args / _read_conf):
   port defaults to 25. `[v6addr]:port` is accepted.
 * Conf file (`--conf_file`): one option per line, `name value` (also `name=value`,
   `name: value`, `--name value`); an unescaped `#` starts a comment anywhere on the line;
-  `\\#` is a literal `#`. Options given on the command line win over the file; a list option
+  `\\#` is a literal `#`. The value is the rest of the line (Net::Server 2.x; older releases
+  kept only the first word, hence "comma-separated, no spaces" in DKIMproxy's sample).
+  Options given on the command line win over the file; a list option
   (`signature`) given on the command line replaces the file's list. Within one source a
   repeated single-valued option keeps its last value; `signature` lines accumulate.
 * dkimproxy.out options: listen, relay, relay_host, relay_port, domain (comma-separated),
@@ -37,9 +39,10 @@ Where DKIMproxy is silent or surprising, dkproxy is stricter and says where the 
 an unknown option in a conf file is an error naming FILE:LINE (Net::Server skips it silently,
 so a typo such as `selecter` used to go unnoticed); a bare flag line (`reject_error`) means
 "on" (Net::Server ignored such a line although dkimproxy.in's own manual shows one); unknown
-signature options are errors (DKIMproxy ignored them); `nowsp` and DKIM `rsa-sha1` are refused
-by the policy (RFC 8301, no current verifier reads nowsp). Net::Server's `%XX` unescaping of
-values is not reproduced (it decoded a single hex digit, e.g. "%20" became "\\x02" + "0").
+signature options are errors (DKIMproxy ignored them); `nowsp` and DKIM `rsa-sha1` are
+refused at start-up (no current verifier reads nowsp; RFC 8301 forbids rsa-sha1).
+Net::Server's `%XX` unescaping of values is not reproduced (it decoded a single hex digit,
+e.g. "%20" became "\\x02" + "0").
 
 The native TOML format (`-c FILE.toml`) is documented in conf/dkproxy-out.toml.example and
 conf/dkproxy-in.toml.example; it is validated with `extra='forbid'`, so a misspelt key is an
@@ -53,6 +56,7 @@ import ipaddress
 import os
 import re
 import socket
+import textwrap
 import tomllib
 import types
 import typing
@@ -264,7 +268,9 @@ def check_macros(text: str, allowed: frozenset[str], what: str) -> None:
         name = match.group(1)
         if name != "$" and name not in allowed:
             names = ", ".join(f"${m}" for m in sorted(allowed))
-            raise ValueError(f"unknown macro ${name} in {what} {text!r} (allowed here: {names})")
+            if name in IDENTITY_MACROS:
+                raise ValueError(f"${name} is not allowed in {what} {text!r} (here: {names})")
+            raise ValueError(f"unknown macro ${name} in {what} {text!r} (allowed: {names})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +490,13 @@ class OutboundConfig(_CommonConfig):
 
 
 class InboundConfig(_CommonConfig):
-    """Configuration of `dkproxy in` (dkimproxy.in)."""
+    """Configuration of `dkproxy in` (dkimproxy.in).
+
+    DKIMproxy's two switches become actions unless `actions` says otherwise: reject_error
+    (450 when verification hits an error) -> dkim.temperror/domainkeys.temperror = tempfail;
+    reject_fail (550 when the author domain's policy says reject; ADSP then, DMARC now) ->
+    dmarc.reject = reject.
+    """
 
     mode: Literal["in"] = "in"
     listen: HostPort = HostPort(host="127.0.0.1", port=10025)
@@ -933,8 +945,6 @@ for _option in _OPTIONS:
     _BY_NAME[_option.name] = _option
     for _alias in _option.aliases:
         _BY_NAME[_alias] = _option
-
-_SPECIAL_NAMES = ("conf_file", "config", "help")
 
 
 def _norm(name: str) -> str:
@@ -1682,6 +1692,11 @@ def load_config_file(path: str, mode: Mode | None = None) -> AnyConfig:
 
 
 def _looks_like_toml(path: str) -> bool:
+    """A .toml name, or content that parses as TOML with a table, list, string or `mode`.
+
+    A DKIMproxy file can be valid TOML only if every line is `name = number|true|false`;
+    such a file is still read as a DKIMproxy file.
+    """
     if path.lower().endswith(".toml"):
         return True
     try:
@@ -1689,9 +1704,10 @@ def _looks_like_toml(path: str) -> bool:
     except ConfigError:
         return False
     try:
-        return bool(tomllib.loads(text))
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return False
+    return "mode" in doc or any(isinstance(v, dict | list | str) for v in doc.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1703,13 +1719,13 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
     """Parse the arguments after `dkproxy out` / `dkproxy in` (all dkimproxy.* forms).
 
     Accepts `--opt=value`, `--opt value`, `-opt`, hyphens or underscores, `--no-FLAG`,
-    DKIMproxy's bare `opt=value`, `--conf_file=FILE` (DKIMproxy format), `-c/--config FILE`
-    (TOML or DKIMproxy format) and the positional `LISTEN RELAY`. The command line wins over
-    the file. Raises ConfigError, or HelpRequested for --help/-h/-?.
+    DKIMproxy's bare `opt=value`, `-c/--config FILE` or DKIMproxy's `--conf_file=FILE` (either
+    format, told apart as load_config_file does) and the positional `LISTEN RELAY`. The
+    command line wins over the file. Raises ConfigError, or HelpRequested for --help/-h/-?.
     """
     settings: list[_Setting] = []
     positional: list[tuple[str, str]] = []
-    conf_file: tuple[str, str] | None = None  # (path, kind: "conf_file" | "config")
+    conf_file: str | None = None
     index = 0
     only_positional = False
     while index < len(argv):
@@ -1726,7 +1742,8 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
                     COMMAND_LINE, None, f"{arg}: " + _unknown_option_message(_norm(name), mode)
                 )
             else:
-                positional.append((arg, f"{COMMAND_LINE}: {arg}"))
+                role = "listen" if not positional else "relay"
+                positional.append((arg, f"{COMMAND_LINE}: {role} argument"))
             continue
         if arg == "--":
             only_positional = True
@@ -1744,14 +1761,13 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
                     raise ConfigError(COMMAND_LINE, None, f"{spelled}: needs a file name")
                 value = argv[index]
                 index += 1
-            kind = "conf_file" if normal in ("conf_file", "conffile") else "config"
-            if conf_file is not None and conf_file[0] != value:
+            if conf_file is not None and conf_file != value:
                 raise ConfigError(
                     COMMAND_LINE,
                     None,
-                    f"{spelled}: only one configuration file can be given (already {conf_file[0]})",
+                    f"{spelled}: only one configuration file can be given (already {conf_file})",
                 )
-            conf_file = (value, kind)
+            conf_file = value
             continue
         option = _lookup_option(normal, mode)
         negated = False
@@ -1798,9 +1814,9 @@ def parse_proxy_command(mode: Mode, argv: list[str]) -> AnyConfig:
     files: list[str] = []
     acc = _Values()
     if conf_file is not None:
-        path, kind = conf_file
+        path = conf_file
         files.append(path)
-        if kind == "config" and _looks_like_toml(path):
+        if _looks_like_toml(path):
             _, acc = _toml_settings(path, mode)
         else:
             file_settings = _parse_dkimproxy_conf(path, mode)
@@ -1824,8 +1840,8 @@ def help_text(mode: Mode) -> str:
         f"Accepts every {legacy} 1.4 option. Options may be written --opt=value, --opt value,",
         "with - or _; flags take --no-FLAG. Command-line options override the file.",
         "",
-        "  -c, --config FILE        native TOML configuration (or a DKIMproxy file)",
-        "  --conf_file=FILE         DKIMproxy-style configuration file",
+        "  -c, --config FILE        configuration file: native TOML or DKIMproxy format",
+        "  --conf_file=FILE         the same (DKIMproxy's spelling)",
         "  -h, --help               show this text",
     ]
     sections = (
@@ -1850,5 +1866,12 @@ def help_text(mode: Mode) -> str:
         lines += ["", f"{title} options:"]
         for option in options:
             flag = f"--{option.name}" + (f"={option.metavar}" if option.metavar else "")
-            lines.append(f"  {flag:<30} {option.help}")
+            lines.extend(
+                textwrap.wrap(
+                    option.help,
+                    width=96,
+                    initial_indent=f"  {flag:<30} ",
+                    subsequent_indent=" " * 33,
+                )
+            )
     return "\n".join(lines) + "\n"

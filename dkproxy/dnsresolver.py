@@ -10,7 +10,9 @@ into temperror, and that distinction is easiest to keep when it is data.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -122,6 +124,19 @@ def parse_servers(server: str) -> list[tuple[str, int]]:
     return servers
 
 
+def _address(host: str) -> str:
+    """An IP address for a configured server; a host name is resolved once, at start-up."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, 53, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise ValueError(f"cannot resolve DNS server name {host!r}: {exc}") from exc
+    return str(infos[0][4][0])
+
+
 def _port(text: str, item: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ValueError(f"bad DNS server {item!r}: bad port")
@@ -157,7 +172,8 @@ class Resolver:
         if server:
             resolver = dns.asyncresolver.Resolver(configure=False)
             resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in parse_servers(server)
+                dns.nameserver.Do53Nameserver(_address(host), port)
+                for host, port in parse_servers(server)
             ]
         else:
             try:

@@ -9,7 +9,7 @@ and reject_error, then the per-result actions of the native configuration.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from dkproxy.authresults import (
     authentication_results,
@@ -21,47 +21,9 @@ from dkproxy.dnsresolver import Resolver
 from dkproxy.message import Message, MessageFormatError
 from dkproxy.relay import Reply
 from dkproxy.session import Envelope, Outcome
-from dkproxy.verifier import (
-    SignatureResult,
-    VerificationReport,
-    VerifySettings,
-    decide,
-    verify_message,
-)
+from dkproxy.verifier import VerificationReport, VerifySettings, decide, verify_message
 
 log = logging.getLogger("dkproxy.inbound")
-
-#: Which per-method result wins when several signatures of one method disagree.
-_PRIORITY = ("pass", "temperror", "fail", "policy", "permerror", "neutral")
-
-
-def method_results(report: VerificationReport) -> dict[str, str]:
-    """One result per method, as the `actions` keys name them (METHOD.RESULT)."""
-
-    def combined(signatures: list[SignatureResult]) -> str:
-        found = {s.result for s in signatures if s.checked and not s.testing}
-        return next((value for value in _PRIORITY if value in found), "none")
-
-    results = {"dkim": combined(report.dkim), "domainkeys": combined(report.domainkeys)}
-    if report.spf is not None:
-        results["spf"] = report.spf.result
-    if report.dmarc is not None:
-        results["dmarc"] = report.dmarc.result
-    return results
-
-
-def action_for(report: VerificationReport, actions: Mapping[str, str]) -> tuple[str, str]:
-    """The strictest configured action that applies: (action, the METHOD.RESULT that chose it)."""
-    keys = [f"{method}.{result}" for method, result in method_results(report).items()]
-    dmarc = report.dmarc
-    if dmarc is not None and dmarc.result == "fail" and dmarc.policy in ("quarantine", "reject"):
-        keys.append(f"dmarc.{dmarc.policy}")
-    chosen = ("accept", "")
-    for key in keys:
-        action = actions.get(key, "accept")
-        if action == "reject" or (action == "tempfail" and chosen[0] == "accept"):
-            chosen = (action, key)
-    return chosen
 
 
 class InboundVerifier:
@@ -69,7 +31,6 @@ class InboundVerifier:
 
     def __init__(self, cfg: InboundConfig, resolver: Resolver | None = None) -> None:
         self.authserv_id = cfg.hostname
-        self.actions = dict(cfg.actions)
         self.resolver = resolver or Resolver(
             server=str(cfg.dns_server) if cfg.dns_server else None, timeout=cfg.dns_timeout
         )
@@ -81,6 +42,7 @@ class InboundVerifier:
             dmarc=cfg.dmarc,
             reject_fail=cfg.reject_fail,
             reject_error=cfg.reject_error,
+            actions=dict(cfg.actions),
         )
 
     async def __call__(self, data: bytes, envelope: Envelope) -> Outcome:
@@ -118,11 +80,6 @@ class InboundVerifier:
     def _verdict(self, report: VerificationReport) -> Reply | None:
         decision = decide(report, self.settings)
         if decision.action == "accept":
-            action, key = action_for(report, self.actions)
-            if action == "reject":
-                return Reply(550, (f"5.7.1 Message rejected: {key}",))
-            if action == "tempfail":
-                return Reply(451, (f"4.7.1 Message deferred: {key}, please try again later",))
             return None
         code, _, text = decision.reply.partition(" ")
         return Reply(int(code), (text,))

@@ -12,6 +12,8 @@ signer_policy, interpret_macros; lib/LookupMap.pm):
   dkproxy.message.Message.sender() supplies it.
 * Order: the listid_map is consulted first (only if the message has a List-Id), then the
   sender_map, then the default signatures. The first source that matches decides alone.
+  Without any sender only a catch-all map entry can match (DKIMproxy failed such a message
+  with a temporary error whenever it needed the sender).
 * Map look-up keys, most specific first: the full address `user+ext@sub.example.org`, the
   address without the +extension, the domain `sub.example.org`, each parent domain
   (`example.org`, `org`), then the catch-all `.`. A plain domain entry therefore also covers
@@ -256,7 +258,6 @@ class SigningPolicy:
         for rule in cfg.rules:
             if rule.match.startswith("list-id:"):
                 pattern = rule.match[len("list-id:") :]
-                pattern = "*" if pattern == "*" else pattern
                 prepared = builder.listid_rule(pattern, rule.signatures, rule.source, toml=True)
                 policy._add(policy._listid, prepared, rule.source)
             else:
@@ -292,8 +293,8 @@ class SigningPolicy:
             return
         previous = table.get(rule.name)
         if previous is not None:
-            same_file = _file_of(previous.where) == _file_of(where)
-            if not same_file or ":" not in where:
+            in_map = re.fullmatch(r".+:\d+", where) is not None
+            if not in_map or _file_of(previous.where) != _file_of(where):
                 raise ConfigError.at(
                     where, f"{rule.name!r} is already configured by {previous.label}"
                 )
@@ -319,8 +320,9 @@ class SigningPolicy:
                         else rule.key_domain
                     )
                     return self._render(rule, sender, key_domain)
-        if sender is not None and self._sender:
-            for key in _sender_keys(sender):
+        if self._sender:
+            # Without a sender only a catch-all entry can apply.
+            for key in _sender_keys(sender) if sender is not None else ["*"]:
                 rule = self._sender.get(key)
                 if rule is not None:
                     return self._render(rule, sender, rule.key_domain)
@@ -479,10 +481,7 @@ def _read_map(
         line = raw.strip()
         if not line or line[0] in "#;":
             continue
-        key, _, value = line.partition(" ")
-        if "\t" in key:
-            key, _, rest = key.partition("\t")
-            value = rest + " " + value
+        key, _, value = line.replace("\t", " ").partition(" ")
         value = value.strip()
         where = f"{path}:{number}"
         if not value:

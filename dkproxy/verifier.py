@@ -58,8 +58,8 @@ _PRIORITY: tuple[SigValue, ...] = ("temperror", "fail", "policy", "permerror", "
 class VerifySettings:
     """What to check and how strictly; also the reject/tempfail policy used by `decide`.
 
-    `actions` maps the message's overall signature result (see
-    `VerificationReport.signature_result`) to accept, tempfail or reject.
+    `actions` maps "method.result" (e.g. "dkim.fail", "spf.softfail", "dmarc.reject") to
+    accept, tempfail or reject; see `matched_actions`.
     """
 
     authserv_id: str
@@ -107,6 +107,20 @@ class SignatureResult:
     dk_status: str | None = None
 
 
+def overall_result(signatures: list[SignatureResult]) -> SigValue:
+    """pass if any checked signature passed, none if there is none, else the most telling
+    failure (see _PRIORITY). Testing-mode (t=y) failures count as unsigned, as RFC 6376 and
+    RFC 4870 ask; unchecked signatures (over the cap) do not count at all."""
+    checked = [s for s in signatures if s.checked]
+    if any(s.result == "pass" for s in checked):
+        return "pass"
+    relevant = {s.result for s in checked if not s.testing}
+    for value in _PRIORITY:
+        if value in relevant:
+            return value
+    return "none"
+
+
 @dataclass(frozen=True)
 class DKPolicyResult:
     """The DomainKeys sender signing policy and what it says about this message."""
@@ -137,18 +151,24 @@ class VerificationReport:
 
     @property
     def signature_result(self) -> SigValue:
-        """One word for all signatures: pass if any checked one passed, none if unsigned.
+        """One word for all signatures (DKIM and DomainKeys), see `overall_result`."""
+        return overall_result(self.signatures)
 
-        Testing-mode (t=y) signatures that did not pass count as unsigned, as the RFCs ask.
+    def method_results(self) -> dict[str, str]:
+        """The result per method that `actions` keys ("method.result") are matched against.
+
+        dkim/domainkeys: `overall_result` of that method's signatures; spf and dmarc only
+        when they were evaluated.
         """
-        checked = [s for s in self.signatures if s.checked]
-        if any(s.result == "pass" for s in checked):
-            return "pass"
-        relevant = {s.result for s in checked if not s.testing}
-        for value in _PRIORITY:
-            if value in relevant:
-                return value
-        return "none"
+        results = {
+            "dkim": overall_result(self.dkim),
+            "domainkeys": overall_result(self.domainkeys),
+        }
+        if self.spf is not None:
+            results["spf"] = self.spf.result
+        if self.dmarc is not None:
+            results["dmarc"] = self.dmarc.result
+        return results
 
     def summary(self) -> str:
         """A compact one-line description for the per-message log line."""
@@ -364,7 +384,11 @@ def _verify_dkim(
     if answer.status != "ok" or not answer.raw:
         return _finish(base, "permerror", f"no key for signature ({pending.key_name})")
     records, note = _key_records(answer, settings.max_key_records)
-    outcomes = [_verify_dkim_record(message, pending, rec, settings) for rec in records]
+    outcomes = []
+    for record in records:
+        outcomes.append(_verify_dkim_record(message, pending, record, settings))
+        if outcomes[-1].result == "pass":
+            break
     best = _best(outcomes)
     return _replace(best, reason=best.reason + note) if note else best
 
@@ -501,6 +525,8 @@ def _verify_dk(
                 result, "policy", f"key too short ({bits} bits, {settings.min_key_bits} required)"
             )
         outcomes.append(result)
+        if result.result == "pass":
+            break
     best = _best(outcomes)
     return _replace(best, reason=best.reason + note) if note else best
 
@@ -681,14 +707,37 @@ async def _evaluate_dmarc(
 # Policy
 
 
+#: Enhanced status codes (RFC 3463, RFC 7372) for a rejection caused by each method.
+_REJECT_CODES = {"dkim": "5.7.20", "spf": "5.7.23", "domainkeys": "5.7.1", "dmarc": "5.7.1"}
+_SEVERITY: dict[Action, int] = {"accept": 0, "tempfail": 1, "reject": 2}
+
+
+def matched_actions(
+    report: VerificationReport, settings: VerifySettings
+) -> list[tuple[str, Action]]:
+    """The ("method.result", action) pairs of `settings.actions` that apply to the report.
+
+    "dmarc.reject" / "dmarc.quarantine" apply when DMARC fails and the sender's policy (p=,
+    or sp= for a subdomain) is reject / quarantine; "dmarc.fail" applies to any DMARC fail.
+    """
+    keys = [f"{method}.{result}" for method, result in report.method_results().items()]
+    dmarc = report.dmarc
+    if dmarc is not None and dmarc.result == "fail" and dmarc.policy in ("quarantine", "reject"):
+        keys.append(f"dmarc.{dmarc.policy}")
+    return [(key, settings.actions[key]) for key in keys if key in settings.actions]
+
+
 def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
     """The SMTP verdict for a verified message (pure: no I/O, no clock).
 
-    reject_fail: 550 when the sender's published policy says reject (DMARC p=reject, or sp=
-    for a subdomain, with dmarc=fail; DomainKeys o=- without a passing first-party signature).
-    reject_error: 451 on a temporary error that could change the outcome (no signature passed
-    and one hit a temperror, or dmarc=temperror). Then `settings.actions` for the message's
-    overall signature result. Testing-mode signatures never cause a reject.
+    In order:
+    - reject_fail: 550 when the sender's published policy says reject: DMARC fails and p=
+      (sp= for a subdomain) is reject; or DomainKeys o=- without a passing first-party
+      signature (not when the policy or key is in testing mode).
+    - reject_error: 451 on a temporary error that could change the outcome: no DKIM or
+      DomainKeys signature passed and one hit a temperror, or DMARC itself is temperror.
+    - `settings.actions` ("method.result" -> action, see `matched_actions`); the most severe
+      matching action wins.
     """
     dmarc = report.dmarc
     if settings.reject_fail:
@@ -707,26 +756,25 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
                 "a valid signature",
                 "domainkeys-policy",
             )
-    overall = report.signature_result
     if settings.reject_error and (
-        overall == "temperror" or (dmarc is not None and dmarc.result == "temperror")
+        report.signature_result == "temperror"
+        or (dmarc is not None and dmarc.result == "temperror")
     ):
         return Decision(
             "tempfail",
-            "451 4.7.5 Temporary failure verifying the message (DNS); please try again later",
+            "451 4.4.3 Temporary DNS failure verifying the message; please try again later",
             "temperror",
         )
-    action = settings.actions.get(overall, "accept")
+    matched = matched_actions(report, settings)
+    if not matched:
+        return Decision("accept")
+    key, action = max(matched, key=lambda item: _SEVERITY[item[1]])
+    method, _, result = key.partition(".")
     if action == "reject":
-        return Decision(
-            "reject",
-            f"550 5.7.20 Message rejected: signature verification result {overall}",
-            f"action:{overall}",
-        )
+        code = _REJECT_CODES.get(method, "5.7.1")
+        return Decision("reject", f"550 {code} Message rejected: {method}={result}", key)
     if action == "tempfail":
         return Decision(
-            "tempfail",
-            f"451 4.7.5 Signature verification result {overall}; please try again later",
-            f"action:{overall}",
+            "tempfail", f"451 4.7.1 Message deferred: {method}={result}; try again later", key
         )
-    return Decision("accept")
+    return Decision("accept", "", key)

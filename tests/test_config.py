@@ -531,6 +531,16 @@ def test_toml_errors_name_file_and_key(tmp_path: Path, text: str, expected: str)
     assert expected in str(info.value)
 
 
+def test_toml_or_dkimproxy_format_is_recognised(tmp_path: Path) -> None:
+    # Valid TOML, but only "name = number" lines: still a DKIMproxy file.
+    legacy = write(tmp_path / "dkimproxy_out.conf", "max_servers = 5\nmin_servers = 2\n")
+    cfg = out(["--conf_file", legacy])
+    assert (cfg.max_servers, cfg.min_servers) == (5, 2)
+    native = write(tmp_path / "proxy.conf", 'listen = "127.0.0.1:2500"\n')
+    assert out(["--conf_file", native]).listen.port == 2500
+    assert out(["-c", native]).listen.port == 2500
+
+
 def test_toml_syntax_error_has_line(tmp_path: Path) -> None:
     path = write(tmp_path / "c.toml", 'mode = "out"\n\nlisten = 127.0.0.1:1\n')
     with pytest.raises(ConfigError) as info:

@@ -257,7 +257,9 @@ def test_native_toml_actions(
     assert len(capture.messages) == 1
 
 
-def test_smtp_path_unchanged_for_inbound(tmp_path: Path, dns_server: DNSServer, capture: CaptureServer) -> None:
+def test_smtp_path_unchanged_for_inbound(
+    tmp_path: Path, dns_server: DNSServer, capture: CaptureServer
+) -> None:
     """Inbound uses the same session: ESMTP parameters pass, a dead relay gives 4xx."""
     proxy = start_inbound(tmp_path, capture.address, dns_server)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -462,6 +463,10 @@ def test_sender_map_catch_all_and_dead_entries(tmp_path: Path, keydir: Path) -> 
     assert [(s.domain, s.identity) for s in anyone.specs] == [
         ("customer.example", "x.y@customer.example")
     ]
+    # No sender: only the catch-all applies, and its macros cannot be filled.
+    nobody = policy.select(None, None)
+    assert nobody.specs == () and "needs a sender address" in (nobody.reason or "")
+    assert nobody.rule is not None and "catch-all" in nobody.rule
     assert any(f"{sender_map}:1" in w and "never matches" in w for w in policy.warnings)
     assert any(f"{sender_map}:3" in w and "later entry wins" in w for w in policy.warnings)
     assert any("warning:" in line for line in policy.describe())
@@ -732,3 +737,71 @@ def test_describe_and_signing_keys(tmp_path: Path, keydir: Path) -> None:
     assert described[0].startswith("sender_map example.org")
     assert any("d=$senderdomain" in line for line in described)
     assert any(line.startswith("default signatures, domain b.example") for line in described)
+
+
+# --- the shipped examples -----------------------------------------------------------------------
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def test_shipped_toml_example_behaves_as_its_comments_say(tmp_path: Path, keydir: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("example.org.rsa.key", "news.key", "lists.key"):
+        shutil.copy(keydir / "rsa1.key", keys / name)
+    shutil.copy(keydir / "ed.key", keys / "example.org.ed25519.key")
+    conf = tmp_path / "dkproxy-out.toml"
+    shutil.copy(CONF_DIR / "dkproxy-out.toml.example", conf)
+    cfg = load_config_file(str(conf))
+    assert isinstance(cfg, OutboundConfig)
+    policy = SigningPolicy.from_config(cfg)
+
+    org = policy.select(Address("a", "example.org"), None)
+    assert [(s.kind, s.domain, s.selector, s.algorithm) for s in org.specs] == [
+        ("dkim", "example.org", "s2026", "rsa-sha256"),
+        ("dkim", "example.org", "ed2026", "ed25519-sha256"),
+        ("domainkeys", "example.org", "s2026", "rsa-sha1"),
+    ]
+    assert summary(policy.select(Address("a", "mail.example.com"), None))[0][1] == "example.com"
+    news = policy.select(Address("newsletter", "example.org"), None)
+    assert [(s.selector, s.identity) for s in news.specs] == [
+        ("news2026", "newsletter@example.org")
+    ]
+    assert policy.select(Address("a", "test.example.org"), None).specs == ()
+    assert summary(policy.select(Address("a", "example.org"), "announce.lists.example.org")) == [
+        ("dkim", "lists.example.org", "lists2026")
+    ]
+    assert policy.select(Address("a", "elsewhere.example"), None).specs == ()
+
+
+def test_shipped_map_examples(tmp_path: Path, keydir: Path) -> None:
+    shutil.copy(keydir / "rsa2.key", tmp_path / "lists.key")
+    shutil.copy(keydir / "ed.key", tmp_path / "ed25519.key")
+    for name in ("sender_map", "listid_map"):
+        text = (CONF_DIR / f"{name}.example").read_text()
+        (tmp_path / name).write_text(text.replace("/etc/dkimproxy/", f"{tmp_path}/"))
+    policy = policy_cli(
+        f"--keyfile={keydir / 'rsa1.key'}",
+        "--selector=s1",
+        f"--sender_map={tmp_path / 'sender_map'}",
+        f"--listid_map={tmp_path / 'listid_map'}",
+    )
+    assert summary(policy.select(Address("jason", "long.name"), None)) == [
+        ("dkim", "example.com", "s1")
+    ]
+    assert [s.kind for s in policy.select(Address("a", "example.org"), None).specs] == [
+        "dkim",
+        "domainkeys",
+    ]
+    assert summary(policy.select(Address("a", "lists.example.org"), None)) == [
+        ("dkim", "lists.example.org", "lists2026")
+    ]
+    net = policy.select(Address("a", "example.net"), None).specs
+    assert [(s.selector, s.algorithm) for s in net] == [
+        ("rsa2026", "rsa-sha256"),
+        ("ed2026", "ed25519-sha256"),
+    ]
+    assert summary(policy.select(None, "dev.spamassassin.apache.org")) == [
+        ("dkim", "apache.org", "s1")
+    ]
+    assert policy.select(Address("a", "unlisted.example"), None).specs == ()

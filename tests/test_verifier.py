@@ -24,6 +24,7 @@ from dkproxy.dmarc import DmarcResult
 from dkproxy.dnsresolver import Resolver
 from dkproxy.domainkeys import DKPolicy
 from dkproxy.message import Message
+from dkproxy.spf import SpfResult
 from dkproxy.verifier import (
     DKPolicyResult,
     SignatureResult,
@@ -110,14 +111,16 @@ def verify(
 
 def check_header(report: VerificationReport) -> list[tuple[str, str, dict[str, str]]]:
     """The AR header parses with authres and says what the report says."""
-    parsed = parse_ar(authentication_results(report, AUTHSERV), AUTHSERV)
+    parsed = parse_ar(authentication_results(report, AUTHSERV), AUTHSERV, keep_dk_none=True)
     sigs = [(m, r) for m, r, _ in parsed if m in ("dkim", "domainkeys")]
     expected = [(s.method, s.result) for s in report.signatures]
     if not report.dkim:
         expected.insert(0, ("dkim", "none"))
+    if not report.domainkeys:
+        expected.append(("domainkeys", "none"))
     assert sigs == expected
     for (_m, _r, props), sig in zip(
-        [p for p in parsed if p[0] in ("dkim", "domainkeys")][-len(report.signatures) or 1 :],
+        [p for p in parsed if p[0] in ("dkim", "domainkeys") and p[1:] != ("none", {})],
         report.signatures,
         strict=False,
     ):
@@ -265,7 +268,10 @@ def test_unsigned_message_is_dkim_none(clean_dns: DNSServer) -> None:
     assert report.signatures == []
     assert report.signature_result == "none"
     header = authentication_results(report, AUTHSERV)
-    assert parse_ar(header, AUTHSERV) == [("dkim", "none", {})]
+    assert parse_ar(header, AUTHSERV, keep_dk_none=True) == [
+        ("dkim", "none", {}),
+        ("domainkeys", "none", {}),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +425,7 @@ def test_dns_timeout_is_temperror(clean_dns: DNSServer, key_dir: KeySet) -> None
         ("domainkeys", "temperror"),
     ]
     assert report.signature_result == "temperror"
-    assert decide(report, settings(reject_error=True)).reply.startswith("451 4.7.5 ")
+    assert decide(report, settings(reject_error=True)).reply.startswith("451 4.4.3 ")
     assert decide(report, settings()).action == "accept"
 
 
@@ -432,7 +438,7 @@ def test_testing_mode_key_does_not_count_as_failure(clean_dns: DNSServer, key_di
     report = verify(signed.replace(b"Hello Bob", b"Hello Eve"), clean_dns)
     assert only(report).result == "fail" and only(report).testing
     assert report.signature_result == "none"
-    assert decide(report, settings(actions={"fail": "reject"})).action == "accept"
+    assert decide(report, settings(actions={"dkim.fail": "reject"})).action == "accept"
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,9 +591,9 @@ def test_signatures_beyond_the_cap_are_reported_unchecked(
     assert report.signatures[6].domain == domain
     assert report.signature_result == "pass"
     parsed = check_header(report)
-    assert len(parsed) == 7
+    assert [m for m, _r, _p in parsed] == ["dkim"] * 7 + ["domainkeys"]  # domainkeys=none
     # Unchecked signatures never trigger a per-result action.
-    assert decide(report, settings(actions={"policy": "reject"})).action == "accept"
+    assert decide(report, settings(actions={"dkim.policy": "reject"})).action == "accept"
     one = verify(many, clean_dns, max_signatures=1)
     assert [s.result for s in one.signatures] == ["pass"] + ["policy"] * 6
 
@@ -643,13 +649,27 @@ def test_decide_pure_policies() -> None:
     assert decide(_report(signatures=[temp_sig, pass_sig]), strict).action == "accept"
     assert decide(_report(dmarc=dmarc_temp), strict).reply.startswith("451 ")
     assert decide(_report(signatures=[temp_sig]), settings()).action == "accept"
-    # Per-result actions on the overall result.
-    actions = settings(actions={"fail": "reject", "none": "tempfail", "permerror": "accept"})
+    # Per-result actions, "method.result"; dkim/domainkeys use the method's overall result.
+    actions = settings(
+        actions={"dkim.fail": "reject", "dkim.none": "tempfail", "dkim.permerror": "accept"}
+    )
     d = decide(_report(signatures=[fail_sig]), actions)
-    assert (d.action, d.reply[:10]) == ("reject", "550 5.7.20")
+    assert (d.action, d.reply[:10], d.reason) == ("reject", "550 5.7.20", "dkim.fail")
     d = decide(_report(), actions)
     assert (d.action, d.reply[:3]) == ("tempfail", "451")
     assert decide(_report(signatures=[fail_sig, pass_sig]), actions).action == "accept"
+    spf_soft = SpfResult("softfail", "mailfrom", "x.test", "a@x.test", "192.0.2.1")
+    mixed = settings(
+        actions={"spf.softfail": "tempfail", "dmarc.quarantine": "reject", "dkim.pass": "accept"}
+    )
+    d = decide(_report(signatures=[pass_sig], spf=spf_soft), mixed)
+    assert (d.action, d.reason) == ("tempfail", "spf.softfail")
+    d = decide(_report(signatures=[pass_sig], spf=spf_soft, dmarc=quarantine), mixed)
+    assert (d.action, d.reason, d.reply[:9]) == ("reject", "dmarc.quarantine", "550 5.7.1")
+    assert decide(_report(dmarc=reject), mixed).action == "accept"  # p=reject is not quarantine
+    assert decide(_report(dmarc=reject), settings(actions={"dmarc.fail": "reject"})).action == (
+        "reject"
+    )
     dk_reject = DKPolicyResult("dk.test", DKPolicy(o="-", published=True), "reject")
     d = decide(_report(dk_policy=dk_reject), settings(reject_fail=True))
     assert d.action == "reject" and "DomainKeys policy of dk.test" in d.reply
