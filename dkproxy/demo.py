@@ -125,7 +125,7 @@ async def _run(workdir: Path) -> int:
     await client.ehlo("demo.client")
     await client.command(b"MAIL FROM:<alice@example.com>")
     await client.command(b"RCPT TO:<bob@example.net>")
-    reply = await client.send_message(_sample_message())
+    reply = await client.send_message([_sample_message()])
     await client.quit()
     print(f"proxy answered: {reply}\n")
     assert proxy._stopping is not None

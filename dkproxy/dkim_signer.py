@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from dkim import hash_headers
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
 from dkproxy.keys import SigningKey
-from dkproxy.message import Message
+from dkproxy.message import BODY_CHUNK, Message
 
 #: Signed when present (RFC 6376 section 5.4.1's list, plus MIME and List-* fields).
 DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (
@@ -39,6 +40,8 @@ NEVER_SIGNED = frozenset({b"return-path", b"received", b"comments", b"keywords",
                           b"dkim-signature", b"domainkey-signature"})  # fmt: skip
 
 ALGORITHMS = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
+_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
+_WSP_RUN = re.compile(rb"[\t ]+")
 _B64_FOLD = 72
 
 
@@ -81,20 +84,53 @@ class DKIMParams:
 class BodyHashCache:
     """Body hashes per canonicalization: several signatures of one message share one pass."""
 
-    __slots__ = ("_body", "_hashes")
+    __slots__ = ("_hashes", "_message")
 
-    def __init__(self, body: bytes) -> None:
-        self._body = body
+    def __init__(self, message: Message) -> None:
+        self._message = message
         self._hashes: dict[bytes, bytes] = {}
 
     def get(self, policy: CanonicalizationPolicy) -> bytes:
         body_algorithm = policy.body_algorithm.name
         cached = self._hashes.get(body_algorithm)
         if cached is None:
-            digest = hashlib.sha256(policy.canonicalize_body(self._body)).digest()
+            digest = body_hash(self._message, relaxed=body_algorithm == b"relaxed")
             cached = base64.b64encode(digest)
             self._hashes[body_algorithm] = cached
         return cached
+
+
+def body_hash(message: Message, relaxed: bool, chunk_size: int = BODY_CHUNK) -> bytes:
+    """SHA-256 of the canonical body, computed chunk by chunk (RFC 6376 3.4.3, 3.4.4).
+
+    The per-line rules run on each CRLF-aligned chunk; only the rule about trailing empty
+    lines spans chunks, so a run of CRLFs at the end of a chunk is held back until some
+    content follows it. Equivalent to dkimpy's canonicalize_body on the whole body (the tests
+    compare the two), without holding canonical copies of a large body.
+    """
+    hasher = hashlib.sha256()
+    held = b""  # CRLFs after the last content seen so far
+    seen_content = False
+    for chunk in message.body_chunks(chunk_size):
+        if relaxed:
+            chunk = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"\r\n", chunk))
+        end = len(chunk)
+        while chunk.endswith(b"\r\n", 0, end):
+            end -= 2
+        if end == 0:
+            held += chunk
+            continue
+        if held:
+            hasher.update(held)
+        hasher.update(chunk[:end] if end < len(chunk) else chunk)
+        held = chunk[end:]
+        seen_content = True
+    if seen_content:
+        # The last content line keeps (or, if unterminated, gets) exactly one CRLF.
+        hasher.update(b"\r\n")
+    elif not relaxed:
+        hasher.update(b"\r\n")  # simple: an empty body is a single CRLF; relaxed: nothing
+    return hasher.digest()
 
 
 def header_list(message: Message, params: DKIMParams) -> list[bytes]:
@@ -142,7 +178,7 @@ def sign(
     """Return the complete `DKIM-Signature: ...` header field (folded, CRLF-terminated)."""
     policy = CanonicalizationPolicy.from_c_value(params.canonicalization.encode("ascii"))
     if body_hashes is None:
-        body_hashes = BodyHashCache(message.body)
+        body_hashes = BodyHashCache(message)
     body_hash = body_hashes.get(policy).decode("ascii")
     include = header_list(message, params)
     timestamp = int(time.time()) if now is None else now

@@ -20,7 +20,7 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Literal
@@ -239,19 +239,26 @@ def _canon_header(line: bytes, method: str) -> bytes:
     return line + b"\r\n"
 
 
-def _body_chunks(body: bytes, has_separator: bool) -> list[bytes]:
+def _body_chunks(message: Message) -> Iterator[bytes]:
     """The pieces Mail::DKIM's parser hands to the canonicalizer for a message PRINTed at once:
-    the separator line, the body up to its last CRLF, then the unterminated rest."""
-    if not has_separator:
-        return []
-    chunks = [b"\r\n"]
-    last = body.rfind(b"\r\n")
-    if last >= 0:
-        chunks.append(body[: last + 2])
-        body = body[last + 2 :]
-    if body:
-        chunks.append(body)
-    return chunks
+    the separator line, the body up to its last CRLF, then the unterminated rest. The middle
+    piece comes as line-aligned chunks, so that a large body is never copied whole."""
+    if not message.has_separator:
+        return
+    yield b"\r\n"
+    previous: bytes | None = None
+    for chunk in message.body_chunks():
+        if previous is not None:
+            yield previous
+        previous = chunk
+    if previous is None:
+        return
+    last = previous.rfind(b"\r\n")
+    if last >= 0 and last + 2 < len(previous):
+        yield previous[: last + 2]
+        yield previous[last + 2 :]
+    else:
+        yield previous
 
 
 def _nofws_body(chunk: bytes) -> bytes:
@@ -270,7 +277,7 @@ def _nofws_body(chunk: bytes) -> bytes:
     return chunk
 
 
-def _canon_body(chunks: list[bytes], method: str) -> Iterator[bytes]:
+def _canon_body(chunks: Iterable[bytes], method: str) -> Iterator[bytes]:
     """dk_simple / dk_nofws body canonicalization, chunk by chunk as in Mail::DKIM.
 
     Empty lines are held back until a non-empty line follows, so trailing empty lines (and,
@@ -310,7 +317,7 @@ def _hash_parts(
     def parts() -> Iterator[bytes]:
         for line in selected:
             yield _canon_header(line, method)
-        yield from _canon_body(_body_chunks(message.body, message.has_separator), method)
+        yield from _canon_body(_body_chunks(message), method)
 
     return selected, parts()
 

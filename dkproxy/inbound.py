@@ -19,7 +19,7 @@ from dkproxy.authresults import (
 from dkproxy.config import InboundConfig, parse_proxy_command
 from dkproxy.dnsresolver import Resolver
 from dkproxy.message import Message, MessageFormatError
-from dkproxy.relay import Reply
+from dkproxy.relay import Bytes, Reply
 from dkproxy.session import Envelope, Outcome
 from dkproxy.verifier import VerificationReport, VerifySettings, decide, verify_message
 
@@ -45,9 +45,9 @@ class InboundVerifier:
             actions=dict(cfg.actions),
         )
 
-    async def __call__(self, data: bytes, envelope: Envelope) -> Outcome:
+    async def __call__(self, data: bytearray, envelope: Envelope) -> Outcome:
         try:
-            message = Message(data)
+            message = Message(bytes(data))  # dkimpy and pyspf want bytes
         except MessageFormatError as exc:
             # Nothing can be verified; say so rather than pass the mail without a verdict.
             report = VerificationReport()
@@ -98,12 +98,13 @@ def inbound_factory(cfg: InboundConfig, argv: list[str]) -> Callable[[], Inbound
     return build
 
 
-def assemble_inbound(data: bytes, outcome: Outcome) -> bytes:
+def assemble_inbound(data: bytearray, outcome: Outcome) -> list[Bytes]:
     """Our Authentication-Results on top, forged ones cut out, everything else unchanged."""
-    parts = list(outcome.prepend)
+    parts: list[Bytes] = list(outcome.prepend)
+    view = memoryview(data)
     position = 0
     for start, end in sorted(outcome.remove_ranges):
-        parts.append(data[position:start])
+        parts.append(view[position:start])
         position = end
-    parts.append(data[position:] if position else data)
-    return b"".join(parts)
+    parts.append(view[position:])
+    return parts

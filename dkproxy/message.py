@@ -2,15 +2,21 @@
 
 The proxy never rewrites a message: it only prepends header fields. So this class keeps the
 original bytes and records where each header field and the body start; signers read from it,
-and `with_prepended` builds what goes downstream. Parsing touches the header block only, so a
-20 MB attachment costs no more than a 2 KB note.
+and `with_prepended` builds what goes downstream. Parsing touches the header block only, and
+the body is handed out as a memoryview and in line-aligned chunks, so a 20 MB attachment is
+never copied as a whole.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import getaddresses
+
+#: Body chunk size for canonicalization: large enough that per-chunk overhead is noise,
+#: small enough that the transient copies of a 20 MB message stay small.
+BODY_CHUNK = 256 * 1024
 
 #: A header field name per RFC 5322: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
@@ -42,13 +48,14 @@ class Message:
     handed to dkimpy's canonicalization unchanged.
     """
 
-    __slots__ = ("body_offset", "data", "header_end", "headers")
+    __slots__ = ("_body_bytes", "body_offset", "data", "header_end", "headers")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
         self.headers: list[list[bytes]] = []
+        self._body_bytes: bytes | None = None
         self.header_end, self.body_offset = _find_header_end(data)
-        self._parse_headers(data[: self.header_end])
+        self._parse_headers(bytes(data[: self.header_end]))
 
     def _parse_headers(self, block: bytes) -> None:
         if not block:
@@ -72,9 +79,41 @@ class Message:
             self.headers.append([name, line[colon + 1 :] + b"\r\n"])
 
     @property
-    def body(self) -> bytes:
-        """The body bytes after the empty separator line (empty when there is none)."""
-        return self.data[self.body_offset :]
+    def body(self) -> memoryview:
+        """The body after the empty separator line (empty when there is none), not copied."""
+        return memoryview(self.data)[self.body_offset :]
+
+    def body_bytes(self) -> bytes:
+        """The body as one bytes object (made once), for code that needs it whole (dkimpy)."""
+        if self._body_bytes is None:
+            self._body_bytes = bytes(self.body)
+        return self._body_bytes
+
+    def body_chunks(self, size: int = BODY_CHUNK) -> Iterator[bytes]:
+        """The body in pieces of about `size` bytes, each cut just after a CRLF.
+
+        Canonicalizations work line by line, so they can run on these pieces one at a time
+        (only the last piece may lack its final CRLF, or end in bare LFs); a single line
+        longer than `size` is never split.
+        """
+        data = self.data
+        position = self.body_offset
+        end = len(data)
+        while position < end:
+            limit = position + size
+            if limit >= end:
+                cut = end
+            else:
+                cut = data.rfind(b"\r\n", position, limit)
+                if cut < 0:
+                    cut = data.find(b"\r\n", limit)
+                cut = end if cut < 0 else cut + 2
+                # A bare LF right after the cut stays with this piece: canonicalizations that
+                # look at the byte before an LF (DomainKeys nofws) must see the CRLF before it.
+                while cut < end and data[cut] == 0x0A:
+                    cut += 1
+            yield bytes(data[position:cut])
+            position = cut
 
     @property
     def has_separator(self) -> bool:
@@ -118,12 +157,10 @@ class Message:
 
     def with_prepended(self, fields: list[bytes]) -> bytes:
         """The message with header fields (each ending in CRLF) added on top."""
-        if not fields:
-            return self.data
         return b"".join([*fields, self.data])
 
 
-def _find_header_end(data: bytes) -> tuple[int, int]:
+def _find_header_end(data: bytes | bytearray) -> tuple[int, int]:
     """Return (end of header block, start of body).
 
     The header block ends after the CRLF of the last header line; the body starts after the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 #: RFC 5321 4.5.3.1.5 allows 512; real servers send longer lines, so be tolerant.
@@ -52,14 +53,31 @@ def local_reply(code: int, text: str) -> Reply:
     return Reply(code, (text,))
 
 
-def dot_stuff(data: bytes) -> bytes:
-    """SMTP transparency (RFC 5321 4.5.2) plus the terminating dot line."""
-    stuffed = data.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    if stuffed and not stuffed.endswith(b"\r\n"):
-        stuffed += b"\r\n"
-    return stuffed + b".\r\n"
+Bytes = bytes | bytearray | memoryview
+#: Message data is written in pieces of this size, so a large message is never copied whole.
+WRITE_CHUNK = 256 * 1024
+
+
+def dot_stuffed(parts: Sequence[Bytes], chunk: int = WRITE_CHUNK) -> Iterator[bytes]:
+    """The parts as DATA content: SMTP transparency (RFC 5321 4.5.2), a final CRLF if the
+    content lacks one, and the terminating dot line."""
+    line_start = True
+    for part in parts:
+        view = memoryview(part)
+        size = len(view)
+        position = 0
+        while position < size:
+            end = min(position + chunk, size)
+            if end < size and view[end - 1] == 0x0D:
+                end += 1  # keep CR and LF together, so "\r\n." is never split
+            piece = bytes(view[position:end])
+            stuffed = piece.replace(b"\r\n.", b"\r\n..")
+            if line_start and piece.startswith(b"."):
+                stuffed = b"." + stuffed
+            line_start = piece.endswith(b"\r\n")
+            yield stuffed
+            position = end
+    yield b".\r\n" if line_start else b"\r\n.\r\n"
 
 
 class RelayClient:
@@ -118,14 +136,19 @@ class RelayClient:
         self._write(b"".join(line + b"\r\n" for line in lines))
         return [await self.read_reply() for _ in lines]
 
-    async def send_message(self, data: bytes) -> Reply:
-        """DATA, the dot-stuffed message, and the final reply (or DATA's refusal)."""
+    async def send_message(self, parts: Sequence[Bytes]) -> Reply:
+        """DATA, the message (the parts in order, dot-stuffed), and the final reply, or the
+        refusal of DATA itself. Written a chunk at a time, waiting whenever the socket's
+        buffer fills, so memory stays bounded however large the message."""
         reply = await self.command(b"DATA")
         if reply.code != 354:
             return reply
         writer = self._require_writer()
-        writer.write(dot_stuff(data))
         try:
+            for piece in dot_stuffed(parts):
+                writer.write(piece)
+                if writer.transport.get_write_buffer_size() > WRITE_CHUNK:
+                    await asyncio.wait_for(writer.drain(), self.timeout)
             await asyncio.wait_for(writer.drain(), self.timeout)
         except (OSError, TimeoutError) as exc:
             await self.close()

@@ -20,10 +20,10 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from dkproxy.relay import DownstreamError, RelayClient, Reply, local_reply
+from dkproxy.relay import Bytes, DownstreamError, RelayClient, Reply, local_reply
 
 log = logging.getLogger("dkproxy.session")
 
@@ -73,9 +73,9 @@ class Outcome:
 
 
 #: A processor turns (message bytes, envelope) into an Outcome: the signer or the verifier.
-Processor = Callable[[bytes, Envelope], Awaitable[Outcome]]
-#: Builds the message sent downstream from the original bytes and the outcome.
-Assembler = Callable[[bytes, Outcome], bytes]
+Processor = Callable[[bytearray, Envelope], Awaitable[Outcome]]
+#: The message sent downstream, as parts in order, from the original bytes and the outcome.
+Assembler = Callable[[bytearray, Outcome], Sequence[Bytes]]
 
 
 @dataclass(frozen=True)
@@ -144,45 +144,51 @@ class UpstreamStream:
             start = len(self._buf)
             await self._fill()
 
-    async def read_data(self, max_size: int) -> bytes | None:
-        """The message up to CRLF.CRLF, dot-stuffing undone; None when it exceeded max_size."""
-        while len(self._buf) < 3:
-            await self._fill()
-        if self._buf.startswith(b".\r\n"):
-            del self._buf[:3]
-            return b""
-        chunks: list[bytes] = []
-        size = 0
+    async def read_data(self, max_size: int) -> bytearray | None:
+        """The message up to CRLF.CRLF, dot-stuffing undone; None when it exceeded max_size.
+
+        The message is built in one bytearray, a line-aligned piece at a time (the stuffing
+        is undone per piece), so a large message exists once in memory, not as pieces plus
+        a joined copy plus an unstuffed copy.
+        """
+        message = bytearray()
         too_big = False
-        start = 0
+        line_start = True  # does the buffer begin at the start of a line?
         while True:
-            end = self._buf.find(b"\r\n.\r\n", start)
+            while len(self._buf) < 3:
+                await self._fill()
+            if line_start and self._buf.startswith(b".\r\n"):  # the terminating dot line
+                del self._buf[:3]
+                return None if too_big else message
+            end = self._buf.find(b"\r\n.\r\n")
             if end >= 0:
-                piece = bytes(self._buf[: end + 2])
-                del self._buf[: end + 5]
-                if too_big or (max_size and size + len(piece) > max_size):
-                    return None
-                chunks.append(piece)
-                return _undo_dot_stuffing(b"".join(chunks))
-            # Keep the last 4 bytes: the terminator may straddle two reads.
-            keep = max(len(self._buf) - 4, 0)
-            if keep > 0:
-                size += keep
-                if max_size and size > max_size:
-                    too_big = True
-                    chunks.clear()
+                cut, consumed = end + 2, end + 5
+            else:
+                # Take whole lines only: a piece must end at a line end for unstuffing.
+                last = self._buf.rfind(b"\r\n")
+                if last < 0:
+                    if len(self._buf) < _READ_CHUNK:
+                        await self._fill()
+                        continue
+                    # One very long line: split it anywhere but between CR and LF.
+                    cut = len(self._buf) - (2 if self._buf.endswith(b"\r") else 1)
+                    consumed = cut
                 else:
-                    chunks.append(bytes(self._buf[:keep]))
-                del self._buf[:keep]
-            start = 0
-            await self._fill()
-
-
-def _undo_dot_stuffing(data: bytes) -> bytes:
-    """RFC 5321 4.5.2: a leading dot on a line is removed (the line had more characters)."""
-    if data.startswith(b"."):
-        data = data[1:]
-    return data.replace(b"\r\n.", b"\r\n")
+                    cut = consumed = last + 2
+            if not too_big:
+                piece = self._buf[:cut]
+                if line_start and piece.startswith(b"."):
+                    del piece[:1]
+                message += piece.replace(b"\r\n.", b"\r\n")
+                if max_size and len(message) > max_size:
+                    too_big = True
+                    message = bytearray()
+            line_start = self._buf[cut - 2 : cut] == b"\r\n"
+            del self._buf[:consumed]
+            if end >= 0:
+                return None if too_big else message
+            if not self._buf:
+                await self._fill()
 
 
 def _reply(code: int, text: str) -> bytes:

@@ -31,7 +31,7 @@ class OutboundSigner:
         self.reject_error = reject_error
         self._dkim_params: dict[SignatureSpec, dkim_signer.DKIMParams] = {}
 
-    async def __call__(self, data: bytes, envelope: Envelope) -> Outcome:
+    async def __call__(self, data: bytearray, envelope: Envelope) -> Outcome:
         return self.sign(data)
 
     def _params(self, spec: SignatureSpec) -> dkim_signer.DKIMParams:
@@ -50,7 +50,7 @@ class OutboundSigner:
                 self._dkim_params[spec] = params
         return params
 
-    def sign(self, data: bytes) -> Outcome:
+    def sign(self, data: bytes | bytearray) -> Outcome:
         try:
             message = Message(data)
         except MessageFormatError as exc:
@@ -67,7 +67,7 @@ class OutboundSigner:
         dkim_fields: list[bytes] = []
         added: list[str] = []
         skipped: list[str] = []
-        body_hashes = dkim_signer.BodyHashCache(message.body)
+        body_hashes = dkim_signer.BodyHashCache(message)
         for spec in selection.specs:
             label = f"{spec.kind}(d={spec.domain},s={spec.selector},a={spec.algorithm})"
             try:
@@ -116,8 +116,6 @@ def outbound_factory(cfg: OutboundConfig, argv: list[str]) -> Callable[[], Outbo
     return build
 
 
-def assemble(data: bytes, outcome: Outcome) -> bytes:
+def assemble(data: bytearray, outcome: Outcome) -> list[bytes | bytearray]:
     """The outbound message: our header fields on top of the original bytes."""
-    if not outcome.prepend:
-        return data
-    return b"".join([*outcome.prepend, data])
+    return [*outcome.prepend, data]

@@ -449,7 +449,7 @@ def _verify_dkim_record(
     verifier = dkim.DKIM(logger=_dkimpy_log, minkey=0)
     # Hand dkimpy the already parsed header list and body instead of re-parsing the bytes.
     verifier.headers = [[name, value] for name, value in message.headers]
-    verifier.body = message.body
+    verifier.body = message.body_bytes()
 
     def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes:
         return record

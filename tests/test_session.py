@@ -304,3 +304,58 @@ def test_refuses_to_start_on_port_in_use(keyfile: str, capture: CaptureServer) -
         proxy = ProxyProcess("out", signing_args(keyfile), capture.address, port=port)
         with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}"):
             proxy.start()
+
+
+def _reference_stuff(data: bytes) -> bytes:
+    lines = data.split(b"\r\n")
+    return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
+
+
+def test_dot_stuffing_survives_any_packet_and_chunk_boundary(keyfile: str, capture: CaptureServer) -> None:
+    """Lines starting with dots, a 300 KB line and CRLFs split across TCP writes arrive
+    byte-identical (the proxy reads and writes in chunks; boundaries must not matter)."""
+    import random
+
+    rng = random.Random(5)
+    lines = [b".", b"..", b".x", b"", b"x" * 70_000, b". trailing ", b"y" * 300_000 + b".",
+             b"\tz", b"..."]  # fmt: skip
+    body = b"\r\n".join(rng.choice(lines) for _ in range(60)) + b"\r\n"
+    message = b"From: a@example.org\r\nSubject: dots\r\n\r\n" + body
+    wire = _reference_stuff(message[:-2]) + b"\r\n.\r\n"
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        for number, step in enumerate((1, 7, 4097, 65535, 65537, 262145)):
+            client.command("MAIL FROM:<a@example.org>")
+            client.command(f"RCPT TO:<r{number}@example.net>")
+            assert client.command("DATA")[0] == 354
+            # step 1: byte by byte through the head, then the rest at once
+            head = 300 if step == 1 else len(wire)
+            for position in range(0, head, step):
+                client.send(wire[position : position + step])
+            client.send(wire[head:])
+            assert client.reply()[0] == 250
+    assert len(capture.messages) == 6
+    for tx in capture.messages:
+        assert tx.data is not None and tx.data.endswith(message)
+        added = tx.data[: -len(message)]
+        assert added.startswith(b"DKIM-Signature:") and b"\r\n\r\n" not in added
+
+
+def test_empty_and_headers_only_messages(keyfile: str, capture: CaptureServer) -> None:
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        for data in (b"", b"From: a@example.org\r\n", b"From: a@example.org\r\n\r\n"):
+            client.command("MAIL FROM:<a@example.org>")
+            client.command("RCPT TO:<b@example.net>")
+            client.command("DATA")
+            client.send(data + b".\r\n")
+            assert client.reply()[0] == 250
+    empty, headers_only, empty_body = (tx.data for tx in capture.messages)
+    assert empty == b""
+    assert headers_only is not None and headers_only.endswith(b"\r\nFrom: a@example.org\r\n")
+    assert headers_only.startswith(b"DKIM-Signature:")
+    assert empty_body is not None and empty_body.endswith(b"\r\nFrom: a@example.org\r\n\r\n")
