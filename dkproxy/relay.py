@@ -94,7 +94,13 @@ class RelayClient:
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
+        """Open, as far as we can tell without a round trip (the peer has not closed)."""
+        return (
+            self._writer is not None
+            and not self._writer.is_closing()
+            and self._reader is not None
+            and not self._reader.at_eof()
+        )
 
     def supports(self, extension: str) -> bool:
         return extension.upper() in self.extensions
@@ -162,6 +168,12 @@ class RelayClient:
                 await asyncio.wait_for(self.command(b"QUIT"), 5)
         await self.close()
 
+    def discard(self) -> None:
+        """Drop the connection without waiting (an expired or dead idle session)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
     async def close(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
@@ -212,3 +224,48 @@ class RelayClient:
             if len(lines) > MAX_REPLY_LINES:
                 await self.close()
                 raise DownstreamError("downstream reply has too many lines")
+
+
+class RelayPool:
+    """Idle downstream sessions kept for the next upstream session (per worker process).
+
+    Reusing a session saves the TCP handshake, the greeting and QUIT for every message when
+    the upstream opens one connection per message, as Postfix's content filter transport and
+    smtp-source do. A session is pooled only between transactions; the next user re-sends
+    EHLO (which resets the session and proves it alive) and falls back to a fresh connection
+    if the pooled one died while idle.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float, size: int = 32,
+                 max_idle: float = 30.0) -> None:  # fmt: skip
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.size = size
+        self.max_idle = max_idle
+        self._idle: list[tuple[float, RelayClient]] = []
+
+    def new_client(self) -> RelayClient:
+        return RelayClient(self.host, self.port, self.timeout)
+
+    def take(self) -> RelayClient | None:
+        """An idle session that still looks alive, or None."""
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            since, client = self._idle.pop()
+            if client.connected and now - since < self.max_idle:
+                return client
+            client.discard()
+        return None
+
+    def give_back(self, client: RelayClient) -> bool:
+        """Keep a session that is between transactions; False if it was not kept."""
+        if not client.connected or len(self._idle) >= self.size:
+            return False
+        self._idle.append((asyncio.get_running_loop().time(), client))
+        return True
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for _since, client in idle:
+            await client.quit()

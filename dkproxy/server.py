@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dkproxy.daemon import AccessList
+from dkproxy.relay import RelayPool
 from dkproxy.session import Assembler, Processor, SessionSettings, SmtpSession
 
 log = logging.getLogger("dkproxy.server")
@@ -63,6 +64,7 @@ class ProxyServer:
         self._stopping: asyncio.Event | None = None
         self.max_connections = 0
         self.connections = 0
+        self.pool = RelayPool(settings.relay_host, settings.relay_port, settings.relay_timeout)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -75,7 +77,10 @@ class ProxyServer:
         try:
             if self.access.active and not self._permitted(writer):
                 return
-            await SmtpSession(reader, writer, self.settings, self.processor, self.assembler).run()
+            session = SmtpSession(
+                reader, writer, self.settings, self.processor, self.assembler, self.pool
+            )
+            await session.run()
         finally:
             self.sessions.discard(task)
 
@@ -117,6 +122,7 @@ class ProxyServer:
             _done, pending = await asyncio.wait(set(self.sessions), timeout=GRACE_SECONDS)
             for task in pending:
                 task.cancel()
+        await self.pool.close()
         log.info("stopped")
 
 

@@ -22,16 +22,19 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from dkproxy.relay import Bytes, DownstreamError, RelayClient, Reply, local_reply
+from dkproxy.relay import Bytes, DownstreamError, RelayClient, RelayPool, Reply, local_reply
 
 log = logging.getLogger("dkproxy.session")
+T = TypeVar("T")
 
 MAX_COMMAND_LINE = 4096
 MAX_ERRORS = 20
 _READ_CHUNK = 1 << 16
 _MAIL_FROM = re.compile(rb"^MAIL\s+FROM:\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | re.DOTALL)
-_RCPT_TO = re.compile(rb"^RCPT\s+TO:\s*(<[^>]*>)(.*)$", re.IGNORECASE | re.DOTALL)
+_RCPT_TO = re.compile(rb"^RCPT\s+TO:\s*(<[^>]*>|[^\s<>]+)(.*)$", re.IGNORECASE | re.DOTALL)
+MAX_PIPELINED_RCPTS = 100
 #: Extensions passed upstream when the downstream has them; everything else is withheld.
 RELAYED_EXTENSIONS = ("8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES", "XFORWARD")
 
@@ -144,6 +147,18 @@ class UpstreamStream:
             start = len(self._buf)
             await self._fill()
 
+    def take_buffered_lines(self, prefix: bytes, limit: int) -> list[bytes]:
+        """Pop complete command lines already received that start with `prefix` (any case)."""
+        lines: list[bytes] = []
+        while len(lines) < limit:
+            end = self._buf.find(b"\n")
+            if end < 0 or end > MAX_COMMAND_LINE or self._buf[: len(prefix)].upper() != prefix:
+                break
+            line = bytes(self._buf[:end])
+            del self._buf[: end + 1]
+            lines.append(line[:-1] if line.endswith(b"\r") else line)
+        return lines
+
     async def read_data(self, max_size: int) -> bytearray | None:
         """The message up to CRLF.CRLF, dot-stuffing undone; None when it exceeded max_size.
 
@@ -191,6 +206,12 @@ class UpstreamStream:
                 await self._fill()
 
 
+def _address(token: bytes) -> str:
+    """The address of a MAIL/RCPT path, without angle brackets."""
+    text = token.decode("utf-8", "replace")
+    return text[1:-1] if text.startswith("<") and text.endswith(">") else text
+
+
 def _reply(code: int, text: str) -> bytes:
     return f"{code} {text}\r\n".encode()
 
@@ -205,15 +226,21 @@ class SmtpSession:
         settings: SessionSettings,
         processor: Processor,
         assembler: Assembler,
+        pool: RelayPool,
     ) -> None:
         self.writer = writer
+        self.pool = pool
         self.settings = settings
         self.processor = processor
         self.assembler = assembler
         self.stream = UpstreamStream(reader, settings.command_timeout)
         peer = writer.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "unknown"
-        self.relay = RelayClient(settings.relay_host, settings.relay_port, settings.relay_timeout)
+        self.relay = pool.new_client()
+        #: The relay came from the pool and has not answered yet: it may have died while idle.
+        self._relay_untested = False
+        #: The downstream said 421 or a transaction is open there: never pool it.
+        self._relay_spent = False
         self.envelope = Envelope(peer=self.peer)
         self.helo: str | None = None
         self.extended = False
@@ -238,6 +265,39 @@ class SmtpSession:
         await self.send(reply.render())
         if reply.code == 421:
             self._closing = True
+            self._relay_spent = True
+
+    async def downstream(self, call: Callable[[RelayClient], Awaitable[T]]) -> T:
+        """Run a downstream call; a pooled session that turns out dead on its first use is
+        replaced by a fresh one (nothing was committed on it), so pooling never costs mail."""
+        if not self._relay_untested:
+            return await call(self.relay)
+        self._relay_untested = False
+        try:
+            return await call(self.relay)
+        except DownstreamError as exc:
+            log.debug("client=%s pooled downstream session unusable (%s); reconnecting",
+                      self.peer, exc)  # fmt: skip
+        self.relay = self.pool.new_client()
+        greeting = await self.relay.connect()
+        if greeting.code != 220:
+            raise DownstreamError(f"downstream refused a new session: {greeting}")
+        if self.helo is not None:
+            hello = self.relay.ehlo if self.extended else self._helo_only
+            reply = await hello(self.helo)
+            if reply.code != 250:
+                raise DownstreamError(f"downstream refused {self.helo!r}: {reply}")
+        return await call(self.relay)
+
+    async def _helo_only(self, name: str) -> Reply:
+        self.relay.extensions = {}
+        return await self.relay.command(b"HELO " + name.encode("utf-8", "surrogateescape"))
+
+    async def release_relay(self) -> None:
+        """Pool the downstream session if it is between transactions, else end it."""
+        clean = self.envelope.mail_from is None and not self._relay_spent
+        if not (clean and self.pool.give_back(self.relay)):
+            await self.relay.quit()
 
     async def downstream_failed(self, exc: DownstreamError) -> None:
         """The downstream is gone: tell the client to try later and end the session."""
@@ -265,27 +325,13 @@ class SmtpSession:
             with contextlib.suppress(Exception):
                 self.writer.write(_reply(421, "4.3.0 internal error, try again later"))
         finally:
-            await self.relay.close()
+            await self.release_relay()
             self.writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(self.writer.wait_closed(), 2)
 
     async def _serve(self) -> None:
-        try:
-            greeting = await self.relay.connect()
-        except DownstreamError as exc:
-            log.warning("client=%s downstream unavailable: %s", self.peer, exc)
-            await self.send(
-                _reply(
-                    421, f"4.4.1 {self.settings.hostname} downstream unavailable, try again later"
-                )
-            )
-            return
-        if greeting.code != 220:
-            # The downstream refuses sessions (e.g. overloaded): say so with a temporary code.
-            code = 421 if greeting.code < 500 else 554
-            await self.send(_reply(code, f"{self.settings.hostname} downstream said: {greeting}"))
-            await self.relay.quit()
+        if not await self._open_downstream():
             return
         await self.send(_reply(220, f"{self.settings.hostname} ESMTP {self.settings.ident}"))
         while not self._closing:
@@ -295,6 +341,28 @@ class SmtpSession:
                 await self.protocol_error(500, "5.5.2 Error: line too long")
                 continue
             await self.dispatch(line)
+
+    async def _open_downstream(self) -> bool:
+        """Take a pooled downstream session or open one; if neither works, tell the client
+        to come back later (4xx) and return False."""
+        pooled = self.pool.take()
+        if pooled is not None:
+            self.relay, self._relay_untested = pooled, True
+            return True
+        try:
+            greeting = await self.relay.connect()
+        except DownstreamError as exc:
+            log.warning("client=%s downstream unavailable: %s", self.peer, exc)
+            host = self.settings.hostname
+            await self.send(_reply(421, f"4.4.1 {host} downstream unavailable, try again later"))
+            return False
+        if greeting.code != 220:
+            # The downstream refuses sessions (e.g. overloaded): say so with a temporary code.
+            self._relay_spent = True
+            code = 421 if greeting.code < 500 else 554
+            await self.send(_reply(code, f"{self.settings.hostname} downstream said: {greeting}"))
+            return False
+        return True
 
     async def protocol_error(self, code: int, text: str) -> None:
         self.errors += 1
@@ -324,7 +392,8 @@ class SmtpSession:
         if not arg:
             await self.protocol_error(501, "5.5.4 Syntax: EHLO hostname")
             return
-        reply = await self.relay.ehlo(arg.decode("utf-8", "surrogateescape"))
+        name = arg.decode("utf-8", "surrogateescape")
+        reply = await self.downstream(lambda relay: relay.ehlo(name))
         if reply.code != 250:
             await self.send_reply(reply)
             return
@@ -352,7 +421,7 @@ class SmtpSession:
         if not arg:
             await self.protocol_error(501, "5.5.4 Syntax: HELO hostname")
             return
-        reply = await self.relay.command(b"HELO " + arg)
+        reply = await self.downstream(lambda relay: relay.command(b"HELO " + arg))
         if reply.code == 250:
             self.helo = arg.decode("utf-8", "replace")
             self.extended = False
@@ -371,27 +440,41 @@ class SmtpSession:
         if match.group(2).strip() and not self.extended:
             await self.protocol_error(501, "5.5.4 Error: MAIL parameters need EHLO")
             return
-        reply = await self.relay.command(line)
-        if reply.code == 250:
-            address = match.group(1).decode("utf-8", "replace")
-            self.envelope.mail_from = address[1:-1] if address.startswith("<") else address
+        # RFC 2920: RCPT commands the client pipelined behind MAIL go downstream in the same
+        # write when the downstream pipelines too; each still gets the downstream's own reply
+        # (if MAIL fails there, the downstream itself answers the RCPTs with 503).
+        lines = [line]
+        if self.relay.supports("PIPELINING"):
+            lines += self.stream.take_buffered_lines(b"RCPT ", MAX_PIPELINED_RCPTS)
+            if self.settings.debugtrace:
+                for extra in lines[1:]:
+                    log.info("client=%s > %r", self.peer, extra)
+        replies = await self.downstream(lambda relay: relay.pipeline(lines))
+        if replies[0].code == 250:
+            self.envelope.mail_from = _address(match.group(1))
             self.envelope.mail_line = line
             self.envelope.helo = self.helo
-        await self.send_reply(reply)
+        await self.send_reply(replies[0])
+        for rcpt_line, reply in zip(lines[1:], replies[1:], strict=True):
+            self._record_rcpt(rcpt_line, reply)
+            await self.send_reply(reply)
 
     async def cmd_rcpt(self, line: bytes, arg: bytes) -> None:
         if self.envelope.mail_from is None:
             await self.protocol_error(503, "5.5.1 Error: need MAIL command")
             return
-        match = _RCPT_TO.match(line)
-        if match is None:
+        if _RCPT_TO.match(line) is None:
             await self.protocol_error(501, "5.5.4 Syntax: RCPT TO:<address>")
             return
         reply = await self.relay.command(line)
-        if reply.code in (250, 251):
-            self.accepted_rcpts += 1
-            self.envelope.rcpt_to.append(match.group(1)[1:-1].decode("utf-8", "replace"))
+        self._record_rcpt(line, reply)
         await self.send_reply(reply)
+
+    def _record_rcpt(self, line: bytes, reply: Reply) -> None:
+        match = _RCPT_TO.match(line)
+        if match is not None and reply.code in (250, 251):
+            self.accepted_rcpts += 1
+            self.envelope.rcpt_to.append(_address(match.group(1)))
 
     async def cmd_data(self, line: bytes, arg: bytes) -> None:
         if arg:
@@ -453,21 +536,20 @@ class SmtpSession:
 
     async def cmd_rset(self, line: bytes, arg: bytes) -> None:
         self.reset_transaction()
-        await self.send_reply(await self.relay.command(b"RSET"))
+        await self.send_reply(await self.downstream(lambda relay: relay.command(b"RSET")))
 
     async def cmd_noop(self, line: bytes, arg: bytes) -> None:
         await self.send(_reply(250, "2.0.0 Ok"))
 
     async def cmd_quit(self, line: bytes, arg: bytes) -> None:
         await self.send(_reply(221, "2.0.0 Bye"))
-        self._closing = True
-        await self.relay.quit()
+        self._closing = True  # the downstream session goes back to the pool in run()
 
     async def cmd_xforward(self, line: bytes, arg: bytes) -> None:
         if not self.relay.supports("XFORWARD"):
             await self.protocol_error(502, "5.5.1 Error: XFORWARD not supported")
             return
-        reply = await self.relay.command(line)
+        reply = await self.downstream(lambda relay: relay.command(line))
         if reply.code == 250:
             for item in arg.decode("utf-8", "replace").split():
                 key, _, value = item.partition("=")

@@ -311,7 +311,9 @@ def _reference_stuff(data: bytes) -> bytes:
     return b"\r\n".join(b"." + line if line.startswith(b".") else line for line in lines)
 
 
-def test_dot_stuffing_survives_any_packet_and_chunk_boundary(keyfile: str, capture: CaptureServer) -> None:
+def test_dot_stuffing_survives_any_packet_and_chunk_boundary(
+    keyfile: str, capture: CaptureServer
+) -> None:
     """Lines starting with dots, a 300 KB line and CRLFs split across TCP writes arrive
     byte-identical (the proxy reads and writes in chunks; boundaries must not matter)."""
     import random
@@ -359,3 +361,47 @@ def test_empty_and_headers_only_messages(keyfile: str, capture: CaptureServer) -
     assert headers_only is not None and headers_only.endswith(b"\r\nFrom: a@example.org\r\n")
     assert headers_only.startswith(b"DKIM-Signature:")
     assert empty_body is not None and empty_body.endswith(b"\r\nFrom: a@example.org\r\n\r\n")
+
+
+def test_downstream_sessions_are_reused_between_upstream_sessions(
+    keyfile: str, capture: CaptureServer
+) -> None:
+    with ProxyProcess("out", signing_args(keyfile, "--workers=1"), capture.address) as proxy:
+        for number in range(5):
+            with proxy.smtp() as client:
+                client.ehlo(f"client{number}.test")
+                client.sendmail("alice@example.org", [f"r{number}@example.net"], MESSAGE)
+    assert [tx.accepted_rcpts for tx in capture.messages] == [
+        [f"r{n}@example.net"] for n in range(5)
+    ]
+    assert capture.sessions == 1
+    # Each upstream session's EHLO is still passed on (it also proves the session alive).
+    assert [tx.ehlo for tx in capture.messages] == [f"EHLO client{n}.test" for n in range(5)]
+
+
+def test_pooled_session_closed_by_downstream_is_replaced(keyfile: str) -> None:
+    with SmtpSink(extra_args=["-t", "1"]) as down, \
+            ProxyProcess("out", signing_args(keyfile, "--workers=1"), down.address) as proxy:  # fmt: skip
+        for number in range(3):
+            with proxy.smtp() as client:
+                client.sendmail("alice@example.org", [f"r{number}@example.net"], MESSAGE)
+            time.sleep(1.5)  # smtp-sink drops the idle pooled session meanwhile
+        assert len(down.wait_for(3)) == 3
+
+
+def test_pipelined_rcpts_each_get_the_downstream_answer(keyfile: str) -> None:
+    rejected = "550 5.1.1 <no@example.net>: User unknown"
+    with CaptureServer(rcpt_replies={"no@example.net": rejected}) as down, \
+            ProxyProcess("out", signing_args(keyfile), down.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        client.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<a@example.net>\r\n"
+                    b"RCPT TO:<no@example.net>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")  # fmt: skip
+        replies = client.replies(5)
+        assert [code for code, _ in replies] == [250, 250, 550, 250, 354]
+        assert replies[2][1] == rejected[4:]
+        client.send(MESSAGE + b".\r\n")
+        assert client.reply()[0] == 250
+    (tx,) = down.messages
+    assert tx.accepted_rcpts == ["a@example.net", "b@example.net"]
