@@ -380,8 +380,9 @@ def test_downstream_sessions_are_reused_between_upstream_sessions(
 
 
 def test_pooled_session_closed_by_downstream_is_replaced(keyfile: str) -> None:
+    args = signing_args(keyfile, "--workers=1")
     with SmtpSink(extra_args=["-t", "1"]) as down, \
-            ProxyProcess("out", signing_args(keyfile, "--workers=1"), down.address) as proxy:  # fmt: skip
+            ProxyProcess("out", args, down.address) as proxy:  # fmt: skip
         for number in range(3):
             with proxy.smtp() as client:
                 client.sendmail("alice@example.org", [f"r{number}@example.net"], MESSAGE)
