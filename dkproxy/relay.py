@@ -195,7 +195,8 @@ class RelayClient:
         if reader is None:
             raise DownstreamError("downstream connection is not open")
         try:
-            return await asyncio.wait_for(self._read_reply(reader), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await self._read_reply(reader)
         except TimeoutError as exc:
             await self.close()
             raise DownstreamError(f"downstream did not answer within {self.timeout:g}s") from exc

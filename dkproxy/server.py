@@ -130,7 +130,7 @@ Runner = Callable[[Coroutine[Any, Any, None]], None]
 
 
 def _event_loop_runner() -> Runner:
-    """uvloop when installed (a third less CPU per message), else asyncio's own loop."""
+    """uvloop when installed (less CPU per message), else asyncio's own loop."""
     try:
         import uvloop
     except ImportError:
