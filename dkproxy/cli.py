@@ -37,7 +37,7 @@ def _fail(message: str, status: int = 2) -> int:
 def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
     """Parse the configuration, bind, load keys and maps, drop privileges, then serve."""
     from dkproxy import config, daemon, server
-    from dkproxy.session import SessionSettings
+    from dkproxy.session import Processor, SessionSettings
 
     try:
         cfg = config.parse_proxy_command(mode, argv)
@@ -80,13 +80,20 @@ def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
             atexit.register(daemon.remove_pidfile, cfg.pidfile)
 
     if mode == "out":
-        from dkproxy.signer import assemble, outbound_factory
+        from dkproxy.signer import OutboundSigner, assemble
 
-        factory, assembler = outbound_factory(cfg, argv), assemble
+        build, assembler = OutboundSigner.from_config, assemble
     else:
-        from dkproxy.inbound import assemble_inbound, inbound_factory
+        from dkproxy.inbound import InboundVerifier, assemble_inbound
 
-        factory, assembler = inbound_factory(cfg, argv), assemble_inbound
+        build, assembler = InboundVerifier, assemble_inbound
+    pending = [cfg]
+
+    def factory() -> Processor:
+        """The processor from `cfg` at start; on reload, from the re-read command line."""
+        current = pending.pop() if pending else config.parse_proxy_command(mode, argv)
+        return build(current)  # type: ignore[arg-type]
+
     try:
         return server.run(
             sock,

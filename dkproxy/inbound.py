@@ -9,14 +9,13 @@ and reject_error, then the per-result actions of the native configuration.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from dkproxy.authresults import (
     authentication_results,
     forged_authentication_results,
     header_byte_ranges,
 )
-from dkproxy.config import InboundConfig, parse_proxy_command
+from dkproxy.config import InboundConfig
 from dkproxy.dnsresolver import Resolver
 from dkproxy.message import Message, MessageFormatError
 from dkproxy.relay import Bytes, Reply
@@ -83,19 +82,6 @@ class InboundVerifier:
             return None
         code, _, text = decision.reply.partition(" ")
         return Reply(int(code), (text,))
-
-
-def inbound_factory(cfg: InboundConfig, argv: list[str]) -> Callable[[], InboundVerifier]:
-    """Builds the verifier from `cfg` at start, and from the re-read command line on reload."""
-    pending: list[InboundConfig] = [cfg]
-
-    def build() -> InboundVerifier:
-        current = pending.pop() if pending else parse_proxy_command("in", argv)
-        if not isinstance(current, InboundConfig):
-            raise TypeError("inbound configuration expected")
-        return InboundVerifier(current)
-
-    return build
 
 
 def assemble_inbound(data: bytearray, outcome: Outcome) -> list[Bytes]:

@@ -2,9 +2,9 @@
 
 The proxy never rewrites a message: it only prepends header fields. So this class keeps the
 original bytes and records where each header field and the body start; signers read from it,
-and `with_prepended` builds what goes downstream. Parsing touches the header block only, and
-the body is handed out as a memoryview and in line-aligned chunks, so a 20 MB attachment is
-never copied as a whole.
+and the relay sends our fields followed by these same bytes. Parsing touches the header block
+only, and the body is handed out as a memoryview and in line-aligned chunks, so a 20 MB
+attachment is never copied as a whole.
 """
 
 from __future__ import annotations
@@ -154,10 +154,6 @@ class Message:
 
     def message_id(self) -> str | None:
         return self.get_last("message-id")
-
-    def with_prepended(self, fields: list[bytes]) -> bytes:
-        """The message with header fields (each ending in CRLF) added on top."""
-        return b"".join([*fields, self.data])
 
 
 def _find_header_end(data: bytes | bytearray) -> tuple[int, int]:

@@ -9,10 +9,9 @@ with an explicit h= a DKIM-Signature below it is not among them, so both verify.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from dkproxy import dkim_signer, domainkeys
-from dkproxy.config import OutboundConfig, parse_proxy_command
+from dkproxy.config import OutboundConfig
 from dkproxy.message import Message, MessageFormatError
 from dkproxy.policy import SignatureSpec, SigningPolicy
 from dkproxy.relay import local_reply
@@ -25,6 +24,11 @@ SIGNING_ERROR_REPLY = "4.3.0 Error: message could not be signed, try again later
 
 class OutboundSigner:
     """Callable processor for the session: (data, envelope) -> Outcome."""
+
+    @classmethod
+    def from_config(cls, cfg: OutboundConfig) -> OutboundSigner:
+        """Load every key and map the configuration names (ConfigError on any problem)."""
+        return cls(SigningPolicy.from_config(cfg), cfg.reject_error)
 
     def __init__(self, policy: SigningPolicy, reject_error: bool = False) -> None:
         self.policy = policy
@@ -101,19 +105,6 @@ class OutboundSigner:
         if self.reject_error:
             return Outcome(reject=local_reply(451, SIGNING_ERROR_REPLY), summary=summary)
         return Outcome(summary=summary)
-
-
-def outbound_factory(cfg: OutboundConfig, argv: list[str]) -> Callable[[], OutboundSigner]:
-    """Builds the signer from `cfg` at start, and from the re-read command line on reload."""
-    pending: list[OutboundConfig] = [cfg]
-
-    def build() -> OutboundSigner:
-        current = pending.pop() if pending else parse_proxy_command("out", argv)
-        if not isinstance(current, OutboundConfig):
-            raise TypeError("outbound configuration expected")
-        return OutboundSigner(SigningPolicy.from_config(current), current.reject_error)
-
-    return build
 
 
 def assemble(data: bytearray, outcome: Outcome) -> list[bytes | bytearray]:
