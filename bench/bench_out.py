@@ -75,13 +75,21 @@ def start_sink(port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def drive(port: int, messages: int, sessions: int, size: int, keep_open: bool = False) -> float:
+def drive(
+    port: int,
+    messages: int,
+    sessions: int,
+    size: int,
+    keep_open: bool = False,
+    message_file: str | None = None,
+) -> float:
     """Run smtp-source and return messages per second.
 
     By default each message is its own SMTP session, as smtp-source does without -d (and as
     in the DKIMproxy figures of this machine); keep_open sends many messages per session.
     """
-    command = [tool("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
+    length = ["-F", message_file] if message_file else ["-l", str(size)]
+    command = [tool("smtp-source"), "-s", str(sessions), "-m", str(messages), *length,
                "-f", "alice@example.org", "-t", "bob@example.net", *(["-d"] if keep_open else []),
                f"127.0.0.1:{port}"]  # fmt: skip
     started = time.monotonic()
