@@ -71,7 +71,8 @@ class Message:
                 continue
             colon = line.find(b":")
             name = line[:colon] if colon > 0 else b""
-            if colon <= 0 or not _FIELD_NAME.fullmatch(name):
+            # RFC 5322 4.5 (obsolete syntax) allows white space between name and colon.
+            if colon <= 0 or not _FIELD_NAME.fullmatch(name.rstrip(b" \t")):
                 if index == 0 and line.startswith(b"From "):
                     continue  # an mbox envelope line; not a header field
                 shown = line[:60].decode("ascii", "replace")
@@ -125,7 +126,7 @@ class Message:
         return [
             _UNFOLD.sub(b"", value).strip()
             for field_name, value in self.headers
-            if field_name.lower() == wanted
+            if field_name.rstrip(b" \t").lower() == wanted
         ]
 
     def get_last(self, name: str) -> str | None:

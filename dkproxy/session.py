@@ -167,15 +167,18 @@ class UpstreamStream:
 
         The message is built in one bytearray, a line-aligned piece at a time (the stuffing
         is undone per piece), so a large message exists once in memory, not as pieces plus
-        a joined copy plus an unstuffed copy.
+        a joined copy plus an unstuffed copy. Bare LF line ends become CRLF.
         """
         message = bytearray()
         too_big = False
-        line_start = True  # does the buffer begin at the start of a line?
+        after_crlf = True  # the buffer begins right after a CRLF (or at the start of DATA)
+        line_start = True  # ... or after a bare LF, which also starts a line (see below)
         while True:
             while len(self._buf) < 3:
                 await self._fill()
-            if line_start and self._buf.startswith(b".\r\n"):  # the terminating dot line
+            # Only CRLF.CRLF ends the data: a dot line after a bare LF is content (treating
+            # it as the end is what SMTP smuggling exploits).
+            if after_crlf and self._buf.startswith(b".\r\n"):
                 del self._buf[:3]
                 return None if too_big else message
             end = self._buf.find(b"\r\n.\r\n")
@@ -194,14 +197,20 @@ class UpstreamStream:
                 else:
                     cut = consumed = last + 2
             if not too_big:
-                piece = self._buf[:cut]
+                piece = bytes(self._buf[:cut])
+                if piece.count(b"\n") != piece.count(b"\r\n"):
+                    # Bare LF: Postfix and every verifier read it as a line end, and Postfix
+                    # stores it as CRLF; send it on as CRLF too, so what we sign is what
+                    # arrives (also the dot after it is stuffing, as Postfix reads it).
+                    piece = piece.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
                 if line_start and piece.startswith(b"."):
-                    del piece[:1]
+                    piece = piece[1:]
                 message += piece.replace(b"\r\n.", b"\r\n")
                 if max_size and len(message) > max_size:
                     too_big = True
                     message = bytearray()
-            line_start = self._buf[cut - 2 : cut] == b"\r\n"
+            after_crlf = self._buf[cut - 2 : cut] == b"\r\n"
+            line_start = self._buf[cut - 1 : cut] == b"\n"
             del self._buf[:consumed]
             if end >= 0:
                 return None if too_big else message
