@@ -406,3 +406,28 @@ def test_pipelined_rcpts_each_get_the_downstream_answer(keyfile: str) -> None:
         assert client.reply()[0] == 250
     (tx,) = down.messages
     assert tx.accepted_rcpts == ["a@example.net", "b@example.net"]
+
+
+def test_smtp_smuggling_attempt_stays_inside_one_message(
+    keyfile: str, capture: CaptureServer
+) -> None:
+    """A "<LF>.<CR><LF>" is not the end of DATA: what follows it is content, not commands."""
+    smuggled = (b"From: a@example.org\r\nSubject: outer\r\n\r\nhello\n.\r\n"
+                b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
+                b"From: ceo@example.org\r\nSubject: inner\r\n\r\nsmuggled\r\n")  # fmt: skip
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        client.command("MAIL FROM:<a@example.org>")
+        client.command("RCPT TO:<b@example.net>")
+        assert client.command("DATA")[0] == 354
+        client.send(smuggled + b".\r\n")
+        assert client.reply()[0] == 250
+        assert client.command("QUIT")[0] == 221
+    (tx,) = capture.messages
+    assert tx.accepted_rcpts == ["b@example.net"]
+    assert tx.data is not None
+    assert b"hello\r\n\r\nMAIL FROM:<evil@example.org>\r\n" in tx.data
+    assert tx.data.endswith(b"smuggled\r\n")
+    assert not any("victim" in line for line in capture.commands)
