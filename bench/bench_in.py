@@ -97,8 +97,14 @@ def main() -> int:
             wait_port(proxy_port)
             load = (args.messages, args.sessions, args.size, False, str(message_file))
             drive(proxy_port, min(500, args.messages), *load[1:])  # warm-up, fills the caches
-            verdict = next((line.split(" sender=", 1)[-1] for line in
-                            log_path.read_text().splitlines() if "dkim=" in line), "no log line")
+            verdict = next(
+                (
+                    line.split(" sender=", 1)[-1]
+                    for line in log_path.read_text().splitlines()
+                    if "dkim=" in line
+                ),
+                "no log line",
+            )
             if "dkim=pass" not in verdict or "domainkeys=pass" not in verdict:
                 raise RuntimeError(f"verification did not pass: {verdict}")  # fmt: skip
             direct, proxied = [], []

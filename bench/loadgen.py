@@ -51,9 +51,9 @@ class SmtpFailure(Exception):
 
 
 def make_body(size: int) -> bytes:
-    """`size` bytes of CRLF-terminated text lines; none starts with a dot (no stuffing)."""
-    if size <= 0:
-        return b""
+    """`size` bytes (at least 2) of CRLF-terminated text lines; none starts with a dot."""
+    if size <= 2:
+        return b"\r\n" if size > 0 else b""
     body = _LINE * (size // len(_LINE) + 1)
     body = body[:size]
     if not body.endswith(b"\r\n"):

@@ -80,7 +80,7 @@ class FakeServer:
 
 
 def test_body_has_exact_size_and_needs_no_dot_stuffing() -> None:
-    for size in (1, 2, 3, 999, 1000, 3000, 100_000):
+    for size in (2, 3, 80, 81, 82, 999, 1000, 3000, 100_000):
         body = make_body(size)
         assert len(body) == size
         assert all(not line.startswith(b".") for line in body.split(b"\r\n"))

@@ -17,9 +17,10 @@ from dkproxy.authresults import (
 )
 from dkproxy.config import InboundConfig
 from dkproxy.dnsresolver import Resolver
-from dkproxy.message import Message, MessageFormatError
-from dkproxy.relay import Bytes, Reply
+from dkproxy.message import Buffer, Message, MessageFormatError
+from dkproxy.relay import Part, Reply
 from dkproxy.session import Envelope, Outcome
+from dkproxy.spool import Spool
 from dkproxy.verifier import VerificationReport, VerifySettings, decide, verify_message
 
 log = logging.getLogger("dkproxy.inbound")
@@ -44,7 +45,7 @@ class InboundVerifier:
             actions=dict(cfg.actions),
         )
 
-    async def __call__(self, data: bytearray, envelope: Envelope) -> Outcome:
+    async def __call__(self, data: Buffer, envelope: Envelope) -> Outcome:
         try:
             message = Message(bytes(data))  # dkimpy and pyspf want bytes
         except MessageFormatError as exc:
@@ -84,13 +85,14 @@ class InboundVerifier:
         return Reply(int(code), (text,))
 
 
-def assemble_inbound(data: bytearray, outcome: Outcome) -> list[Bytes]:
+def assemble_inbound(spool: Spool, outcome: Outcome) -> list[Part]:
     """Our Authentication-Results on top, forged ones cut out, everything else unchanged."""
-    parts: list[Bytes] = list(outcome.prepend)
-    view = memoryview(data)
+    if not outcome.remove_ranges:
+        return [*outcome.prepend, spool]
+    parts: list[Part] = list(outcome.prepend)
     position = 0
     for start, end in sorted(outcome.remove_ranges):
-        parts.append(view[position:start])
+        parts.append(spool.segment(position, start))
         position = end
-    parts.append(view[position:])
+    parts.append(spool.segment(position))
     return parts

@@ -9,10 +9,14 @@ attachment is never copied as a whole.
 
 from __future__ import annotations
 
+import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.utils import getaddresses
+
+#: What a message can be read from: memory, or a spool file's read-only mmap.
+Buffer = bytes | bytearray | mmap.mmap
 
 #: Body chunk size for canonicalization: large enough that per-chunk overhead is noise,
 #: small enough that the transient copies of a 20 MB message stay small.
@@ -50,7 +54,7 @@ class Message:
 
     __slots__ = ("_body_bytes", "body_offset", "data", "header_end", "headers")
 
-    def __init__(self, data: bytes | bytearray) -> None:
+    def __init__(self, data: Buffer) -> None:
         self.data = data
         self.headers: list[list[bytes]] = []
         self._body_bytes: bytes | None = None
@@ -157,13 +161,13 @@ class Message:
         return self.get_last("message-id")
 
 
-def _find_header_end(data: bytes | bytearray) -> tuple[int, int]:
+def _find_header_end(data: Buffer) -> tuple[int, int]:
     """Return (end of header block, start of body).
 
     The header block ends after the CRLF of the last header line; the body starts after the
     empty line. A message with no empty line is all header and has no body.
     """
-    if data.startswith(b"\r\n"):
+    if data[:2] == b"\r\n":
         return 0, 2
     separator = data.find(b"\r\n\r\n")
     if separator < 0:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 #: RFC 5321 4.5.3.1.5 allows 512; real servers send longer lines, so be tolerant.
 MAX_REPLY_LINE = 8192
@@ -58,25 +59,44 @@ Bytes = bytes | bytearray | memoryview
 WRITE_CHUNK = 256 * 1024
 
 
-def dot_stuffed(parts: Sequence[Bytes], chunk: int = WRITE_CHUNK) -> Iterator[bytes]:
+class Chunked(Protocol):
+    """A part of a message too large to hold at once (a spool file), read piece by piece."""
+
+    def chunks(self, size: int = ...) -> Iterator[Bytes]: ...
+
+
+Part = Bytes | Chunked
+
+
+def _pieces(parts: Sequence[Part], chunk: int) -> Iterator[bytes]:
+    for part in parts:
+        blocks = part.chunks(chunk) if hasattr(part, "chunks") else (part,)
+        for block in blocks:
+            view = memoryview(block)  # type: ignore[arg-type]
+            for position in range(0, len(view), chunk):
+                yield bytes(view[position : position + chunk])
+
+
+def dot_stuffed(parts: Sequence[Part], chunk: int = WRITE_CHUNK) -> Iterator[bytes]:
     """The parts as DATA content: SMTP transparency (RFC 5321 4.5.2), a final CRLF if the
     content lacks one, and the terminating dot line."""
     line_start = True
-    for part in parts:
-        view = memoryview(part)
-        size = len(view)
-        position = 0
-        while position < size:
-            end = min(position + chunk, size)
-            if end < size and view[end - 1] == 0x0D:
-                end += 1  # keep CR and LF together, so "\r\n." is never split
-            piece = bytes(view[position:end])
-            stuffed = piece.replace(b"\r\n.", b"\r\n..")
-            if line_start and piece.startswith(b"."):
-                stuffed = b"." + stuffed
-            line_start = piece.endswith(b"\r\n")
-            yield stuffed
-            position = end
+    carry = b""  # a CR at the end of a piece waits for the next: "\r\n." must not be split
+    for piece in _pieces(parts, chunk):
+        if carry:
+            piece, carry = carry + piece, b""
+        if piece.endswith(b"\r"):
+            piece, carry = piece[:-1], b"\r"
+        if not piece:
+            continue
+        stuffed = piece.replace(b"\r\n.", b"\r\n..")
+        if line_start and piece.startswith(b"."):
+            stuffed = b"." + stuffed
+        line_start = piece.endswith(b"\r\n")
+        yield stuffed
+    if carry:
+        yield carry
+        line_start = False
     yield b".\r\n" if line_start else b"\r\n.\r\n"
 
 
@@ -142,7 +162,7 @@ class RelayClient:
         self._write(b"".join(line + b"\r\n" for line in lines))
         return [await self.read_reply() for _ in lines]
 
-    async def send_message(self, parts: Sequence[Bytes]) -> Reply:
+    async def send_message(self, parts: Sequence[Part]) -> Reply:
         """DATA, the message (the parts in order, dot-stuffed), and the final reply, or the
         refusal of DATA itself. Written a chunk at a time, waiting whenever the socket's
         buffer fills, so memory stays bounded however large the message."""

@@ -24,7 +24,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from dkproxy.relay import Bytes, DownstreamError, RelayClient, RelayPool, Reply, local_reply
+from dkproxy.message import Buffer
+from dkproxy.relay import DownstreamError, Part, RelayClient, RelayPool, Reply, local_reply
+from dkproxy.spool import Spool
 
 log = logging.getLogger("dkproxy.session")
 T = TypeVar("T")
@@ -76,9 +78,9 @@ class Outcome:
 
 
 #: A processor turns (message bytes, envelope) into an Outcome: the signer or the verifier.
-Processor = Callable[[bytearray, Envelope], Awaitable[Outcome]]
-#: The message sent downstream, as parts in order, from the original bytes and the outcome.
-Assembler = Callable[[bytearray, Outcome], Sequence[Bytes]]
+Processor = Callable[[Buffer, Envelope], Awaitable[Outcome]]
+#: The message sent downstream, as parts in order, from the spooled message and the outcome.
+Assembler = Callable[[Spool, Outcome], Sequence[Part]]
 
 
 @dataclass(frozen=True)
@@ -162,15 +164,22 @@ class UpstreamStream:
             lines.append(line[:-1] if line.endswith(b"\r") else line)
         return lines
 
-    async def read_data(self, max_size: int) -> bytearray | None:
+    async def read_data(self, max_size: int) -> Spool | None:
         """The message up to CRLF.CRLF, dot-stuffing undone; None when it exceeded max_size.
 
-        The message is built in one bytearray, a line-aligned piece at a time (the stuffing
-        is undone per piece), so a large message exists once in memory, not as pieces plus
-        a joined copy plus an unstuffed copy. Bare LF line ends become CRLF.
+        The message goes into a Spool (memory, or a file when large), a line-aligned piece
+        at a time with the stuffing undone per piece, so it is never held as pieces plus a
+        joined copy plus an unstuffed copy. Bare LF line ends become CRLF.
         """
-        message = bytearray()
-        too_big = False
+        spool = Spool()
+        try:
+            return await self._read_into(spool, max_size)
+        except BaseException:
+            spool.close()  # the client went away mid-DATA
+            raise
+
+    async def _read_into(self, message: Spool, max_size: int) -> Spool | None:
+        kept: Spool | None = message
         after_crlf = True  # the buffer begins right after a CRLF (or at the start of DATA)
         line_start = True  # ... or after a bare LF, which also starts a line (see below)
         while True:
@@ -180,7 +189,7 @@ class UpstreamStream:
             # it as the end is what SMTP smuggling exploits).
             if after_crlf and self._buf.startswith(b".\r\n"):
                 del self._buf[:3]
-                return None if too_big else message
+                return kept
             end = self._buf.find(b"\r\n.\r\n")
             if end >= 0:
                 cut, consumed = end + 2, end + 5
@@ -196,7 +205,7 @@ class UpstreamStream:
                     consumed = cut
                 else:
                     cut = consumed = last + 2
-            if not too_big:
+            if kept is not None:
                 piece = bytes(self._buf[:cut])
                 if piece.count(b"\n") != piece.count(b"\r\n"):
                     # Bare LF: Postfix and every verifier read it as a line end, and Postfix
@@ -205,15 +214,15 @@ class UpstreamStream:
                     piece = piece.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
                 if line_start and piece.startswith(b"."):
                     piece = piece[1:]
-                message += piece.replace(b"\r\n.", b"\r\n")
-                if max_size and len(message) > max_size:
-                    too_big = True
-                    message = bytearray()
+                kept.write(piece.replace(b"\r\n.", b"\r\n"))
+                if max_size and len(kept) > max_size:
+                    kept.close()  # keep reading to the end, keep nothing
+                    kept = None
             after_crlf = self._buf[cut - 2 : cut] == b"\r\n"
             line_start = self._buf[cut - 1 : cut] == b"\n"
             del self._buf[:consumed]
             if end >= 0:
-                return None if too_big else message
+                return kept
             if not self._buf:
                 await self._fill()
 
@@ -500,27 +509,34 @@ class SmtpSession:
             return
         await self.send(_reply(354, "End data with <CR><LF>.<CR><LF>"))
         started = time.monotonic()
-        data = await self.stream.read_data(self.settings.max_message_size)
+        spool = await self.stream.read_data(self.settings.max_message_size)
         envelope = self.envelope
-        if data is None:
+        if spool is None:
             await self._abort_transaction()
             log.info("from=<%s> rejected: message exceeds %d bytes",
                      envelope.mail_from, self.settings.max_message_size)  # fmt: skip
             await self.send(_reply(552, "5.3.4 Error: message too big"))
             return
+        with spool:
+            await self._deliver(spool, envelope, started)
+
+    async def _deliver(self, spool: Spool, envelope: Envelope, started: float) -> None:
+        """Process the received message and relay it, or refuse it; answer the client."""
         try:
-            outcome = await self.processor(data, envelope)
+            outcome = await self.processor(spool.buffer(), envelope)
         except Exception:
             log.exception("from=<%s> processing failed", envelope.mail_from)
             outcome = Outcome(reject=local_reply(451, "4.3.0 Error: internal processing error"),
                               summary="processing failed")  # fmt: skip
+        finally:
+            spool.release()
         if outcome.reject is not None:
             await self._abort_transaction()
             self._log_message(envelope, outcome, outcome.reject, started)
             await self.send_reply(outcome.reject)
             return
         try:
-            reply = await self.relay.send_message(self.assembler(data, outcome))
+            reply = await self.relay.send_message(self.assembler(spool, outcome))
         except DownstreamError as exc:
             self._log_message(envelope, outcome, local_reply(421, f"downstream failed: {exc}"),
                               started)  # fmt: skip

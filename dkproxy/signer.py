@@ -12,10 +12,11 @@ import logging
 
 from dkproxy import dkim_signer, domainkeys
 from dkproxy.config import OutboundConfig
-from dkproxy.message import Message, MessageFormatError
+from dkproxy.message import Buffer, Message, MessageFormatError
 from dkproxy.policy import SignatureSpec, SigningPolicy
-from dkproxy.relay import local_reply
+from dkproxy.relay import Part, local_reply
 from dkproxy.session import Envelope, Outcome
+from dkproxy.spool import Spool
 
 log = logging.getLogger("dkproxy.signer")
 
@@ -35,7 +36,7 @@ class OutboundSigner:
         self.reject_error = reject_error
         self._dkim_params: dict[SignatureSpec, dkim_signer.DKIMParams] = {}
 
-    async def __call__(self, data: bytearray, envelope: Envelope) -> Outcome:
+    async def __call__(self, data: Buffer, envelope: Envelope) -> Outcome:
         return self.sign(data)
 
     def _params(self, spec: SignatureSpec) -> dkim_signer.DKIMParams:
@@ -54,7 +55,7 @@ class OutboundSigner:
                 self._dkim_params[spec] = params
         return params
 
-    def sign(self, data: bytes | bytearray) -> Outcome:
+    def sign(self, data: Buffer) -> Outcome:
         try:
             message = Message(data)
         except MessageFormatError as exc:
@@ -107,6 +108,6 @@ class OutboundSigner:
         return Outcome(summary=summary)
 
 
-def assemble(data: bytearray, outcome: Outcome) -> list[bytes | bytearray]:
+def assemble(spool: Spool, outcome: Outcome) -> list[Part]:
     """The outbound message: our header fields on top of the original bytes."""
-    return [*outcome.prepend, data]
+    return [*outcome.prepend, spool]

@@ -6,6 +6,7 @@ downstream server, then checks replies and what arrived byte for byte.
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import time
@@ -431,3 +432,35 @@ def test_smtp_smuggling_attempt_stays_inside_one_message(
     assert b"hello\r\n\r\nMAIL FROM:<evil@example.org>\r\n" in tx.data
     assert tx.data.endswith(b"smuggled\r\n")
     assert not any("victim" in line for line in capture.commands)
+
+
+def test_large_messages_are_spooled_and_leave_no_files_behind(
+    keyfile: str, capture: CaptureServer
+) -> None:
+    """Messages past the memory threshold go through a temporary file; neither a delivered
+    message nor one abandoned mid-DATA leaves a descriptor or a file behind."""
+    big = MESSAGE + (b"0123456789abcdef.\r\n.line\r\n" * 60_000)  # ~1.6 MB, dot lines
+    args = signing_args(keyfile, "--workers=1")
+    with ProxyProcess("out", args, capture.address) as proxy:
+        assert proxy.proc is not None
+        fd_dir = f"/proc/{proxy.proc.pid}/fd"
+        with proxy.smtp() as client:
+            client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
+        baseline = len(os.listdir(fd_dir))
+        for _ in range(3):
+            with proxy.smtp() as client:
+                client.sendmail("alice@example.org", ["bob@example.net"], big)
+        with RawClient(proxy.host, proxy.port) as client:
+            client.reply()
+            client.command("EHLO c.test")
+            client.command("MAIL FROM:<alice@example.org>")
+            client.command("RCPT TO:<bob@example.net>")
+            client.command("DATA")
+            client.send(big[: len(big) // 2])
+        time.sleep(0.5)
+        leaked = [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
+        assert len(leaked) <= baseline, leaked
+        assert not [name for name in leaked if name.endswith(".msg (deleted)")]
+    assert len(capture.messages) == 4
+    for tx in capture.messages[1:]:
+        assert tx.data is not None and tx.data.endswith(big)
