@@ -1,6 +1,6 @@
 """Tests of the benchmark tools themselves: a wrong load generator makes every figure wrong.
 
-Run with `pytest bench/test_bench.py` (they are not in the default `tests/` suite).
+They run with the default suite (pyproject.toml lists bench/ among the testpaths).
 """
 
 from __future__ import annotations

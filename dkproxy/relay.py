@@ -286,6 +286,16 @@ class RelayPool:
         self._idle.append((asyncio.get_running_loop().time(), client))
         return True
 
+    async def expire(self) -> None:
+        """QUIT sessions idle for max_idle, before the downstream times them out (and logs a
+        timeout for each, as Postfix's smtpd does)."""
+        now = asyncio.get_running_loop().time()
+        keep = [(since, c) for since, c in self._idle if now - since < self.max_idle]
+        expired = [c for since, c in self._idle if now - since >= self.max_idle]
+        self._idle = keep
+        for client in expired:
+            await client.quit()
+
     async def close(self) -> None:
         idle, self._idle = self._idle, []
         for _since, client in idle:

@@ -84,6 +84,11 @@ class ProxyServer:
         finally:
             self.sessions.discard(task)
 
+    async def _expire_idle(self) -> None:
+        while True:
+            await asyncio.sleep(self.pool.max_idle / 3)
+            await self.pool.expire()
+
     def _permitted(self, writer: asyncio.StreamWriter) -> bool:
         """Net::Server's allow/deny: a refused client gets 554 and the connection is closed."""
         peer = writer.get_extra_info("peername")
@@ -114,7 +119,9 @@ class ProxyServer:
         log.info("listening on %s:%s, relaying to %s:%s (pid %d)",
                  address[0], address[1], self.settings.relay_host, self.settings.relay_port,
                  os.getpid())  # fmt: skip
+        reaper = asyncio.create_task(self._expire_idle())
         await self._stopping.wait()
+        reaper.cancel()
         server.close()
         if self.sessions:
             log.info("stopping: waiting up to %gs for %d sessions", GRACE_SECONDS,

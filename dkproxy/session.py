@@ -260,7 +260,7 @@ class SmtpSession:
         self.relay = pool.new_client()
         #: The relay came from the pool and has not answered yet: it may have died while idle.
         self._relay_untested = False
-        #: The downstream said 421 or a transaction is open there: never pool it.
+        #: The downstream said 421 or refused the session: never pool it.
         self._relay_spent = False
         self.envelope = Envelope(peer=self.peer)
         self.helo: str | None = None
@@ -299,6 +299,7 @@ class SmtpSession:
         except DownstreamError as exc:
             log.debug("client=%s pooled downstream session unusable (%s); reconnecting",
                       self.peer, exc)  # fmt: skip
+        self.relay.discard()
         self.relay = self.pool.new_client()
         greeting = await self.relay.connect()
         if greeting.code != 220:
