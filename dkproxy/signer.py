@@ -8,8 +8,6 @@ with an explicit h= a DKIM-Signature below it is not among them, so both verify.
 
 from __future__ import annotations
 
-import logging
-
 from dkproxy import dkim_signer, domainkeys
 from dkproxy.config import OutboundConfig
 from dkproxy.message import Buffer, Message, MessageFormatError
@@ -17,8 +15,6 @@ from dkproxy.policy import SignatureSpec, SigningPolicy
 from dkproxy.relay import Part, local_reply
 from dkproxy.session import Envelope, Outcome
 from dkproxy.spool import Spool
-
-log = logging.getLogger("dkproxy.signer")
 
 SIGNING_ERROR_REPLY = "4.3.0 Error: message could not be signed, try again later"
 
@@ -63,7 +59,7 @@ class OutboundSigner:
         sender = message.sender()
         context = f"sender=<{sender or ''}> msgid={message.message_id() or '<>'}"
         if not message.get_all("from"):
-            # DKIM requires a signed From; such a message passes unsigned, as with DKIMproxy.
+            # DKIM requires a signed From: such a message passes unsigned, and is logged.
             return Outcome(summary=f"{context} unsigned: no From header")
         selection = self.policy.select(sender, message.list_id())
         if not selection.specs:
