@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_out import drive, free_port, tool, wait_port, write_key  # noqa: E402
+from bench.bench_out import (  # noqa: E402
+    alternate,
+    drive,
+    free_port,
+    show,
+    start_sink,
+    stop,
+    wait_port,
+    write_key,
+)
 from dkproxy.keys import load_signing_key  # noqa: E402
 from dkproxy.message import Message  # noqa: E402
 from dkproxy.policy import SignatureSpec  # noqa: E402
@@ -79,11 +87,7 @@ def main() -> int:
         message_file = workdir / "message.eml"
         message_file.write_bytes(signed_message(key, args.size).replace(b"\r\n", b"\n"))
         sink_port, proxy_port = free_port(), free_port()
-        sink = subprocess.Popen([tool("smtp-sink"), "-u", "nobody" if os.geteuid() == 0 else
-                                 os.environ.get("USER", "nobody"), "-m", "512",
-                                 f"127.0.0.1:{sink_port}", "1024"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        wait_port(sink_port)
+        sink = start_sink(sink_port)
         command = [sys.executable, "-m", "dkproxy", "in", "--hostname=mx.bench.test",
                    f"--dns_server={dns.address}", f"127.0.0.1:{proxy_port}",
                    f"127.0.0.1:{sink_port}"]  # fmt: skip
@@ -107,19 +111,9 @@ def main() -> int:
             )
             if "dkim=pass" not in verdict or "domainkeys=pass" not in verdict:
                 raise RuntimeError(f"verification did not pass: {verdict}")  # fmt: skip
-            direct, proxied = [], []
-            for _ in range(args.runs):
-                direct.append(drive(sink_port, *load))
-                proxied.append(drive(proxy_port, *load))
+            direct, proxied = alternate(sink_port, proxy_port, load, args.runs)
         finally:
-            proxy.send_signal(signal.SIGTERM)
-            proxy.wait(30)
-            sink.terminate()
-            sink.wait(5)
-
-    def show(values: list[float]) -> str:
-        ordered = sorted(values)
-        return f"median {ordered[len(ordered) // 2]:7.0f}/s  best {ordered[-1]:7.0f}/s"
+            stop(proxy, sink)
 
     print(f"messages={args.messages} sessions={args.sessions} size={args.size}B "
           f"DKIM rsa-sha256 + DomainKeys + SPF + DMARC, keys cached, "

@@ -100,6 +100,29 @@ def drive(
     return messages / elapsed
 
 
+def alternate(
+    sink_port: int, proxy_port: int, load: tuple, runs: int
+) -> tuple[list[float], list[float]]:
+    """Direct and proxied runs in turn, so that drift in the machine's speed hits both."""
+    direct, proxied = [], []
+    for _ in range(runs):
+        direct.append(drive(sink_port, *load))
+        proxied.append(drive(proxy_port, *load))
+    return direct, proxied
+
+
+def stop(proxy: subprocess.Popen[bytes], sink: subprocess.Popen[bytes]) -> None:
+    proxy.send_signal(signal.SIGTERM)
+    proxy.wait(30)
+    sink.terminate()
+    sink.wait(5)
+
+
+def show(values: list[float]) -> str:
+    ordered = sorted(values)
+    return f"median {ordered[len(ordered) // 2]:7.0f}/s  best {ordered[-1]:7.0f}/s"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -142,20 +165,10 @@ def main() -> int:
             wait_port(proxy_port)
             load = (args.messages, args.sessions, args.size, args.keep_open)
             drive(proxy_port, min(500, args.messages), *load[1:])  # warm-up
-            direct, proxied = [], []
-            for _ in range(args.runs):
-                direct.append(drive(sink_port, *load))
-                proxied.append(drive(proxy_port, *load))
+            direct, proxied = alternate(sink_port, proxy_port, load, args.runs)
         finally:
-            proxy.send_signal(signal.SIGTERM)
-            proxy.wait(30)
-            sink.terminate()
-            sink.wait(5)
+            stop(proxy, sink)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-    def show(values: list[float]) -> str:
-        ordered = sorted(values)
-        return f"median {ordered[len(ordered) // 2]:7.0f}/s  best {ordered[-1]:7.0f}/s"
 
     per_session = "many messages per session" if args.keep_open else "one message per session"
     print(f"messages={args.messages} sessions={args.sessions} size={args.size}B "
