@@ -18,7 +18,7 @@ import pytest
 from tests.support.dnsserver import DNSServer
 from tests.support.proxy import ProxyProcess
 from tests.support.sink import SmtpSink
-from tests.support.testkeys import dns_record, make_rsa_key
+from tests.support.testkeys import dns_record, make_ed25519_key, make_rsa_key
 from tests.support.verifiers import (
     VerifierResult,
     signature_tags,
@@ -272,3 +272,61 @@ def test_tampered_copies_fail(signed: dict[str, bytes], dns_server: DNSServer) -
         assert ours and all(r.result != "pass" for r in ours), ours
     for per_message in verify_go_msgauth([tampered_body, tampered_subject], dns_server):
         assert all(r.result != "pass" for r in per_message), per_message
+
+
+def test_sender_map_and_listid_map_choose_the_signatures(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """DKIMproxy map files through the running proxy: the chosen d=/s= verify for real."""
+    default_key = make_rsa_key(str(tmp_path / "default.key"), 2048)
+    vip_key = make_rsa_key(str(tmp_path / "vip.key"), 1024)
+    list_key = make_ed25519_key(str(tmp_path / "list.key"))
+    dns_server.publish({
+        "dflt._domainkey.example.org": [dns_record(default_key)],
+        "dflt._domainkey.example.com": [dns_record(default_key)],
+        "vip._domainkey.example.com": [dns_record(vip_key)],
+        "lists._domainkey.lists.example.org": [dns_record(list_key)],
+    })  # fmt: skip
+    (tmp_path / "sender_map").write_text(
+        "# address first, then domain (and its subdomains)\n"
+        f"boss@example.org   dkim(d=example.com,s=vip,key={vip_key}), domainkeys(c=nofws)\n"
+        "example.org        dkim(c=relaxed), domainkeys(c=nofws)\n"
+    )
+    (tmp_path / "listid_map").write_text(
+        f"lists.example.org  dkim(key={list_key},s=lists,d=lists.example.org)\n"
+    )
+    messages = {
+        "boss": _msg("boss", b"from the boss\r\n",
+                     base=tuple(b.replace("alice@", "boss@") for b in BASE)),
+        "staff": _msg("staff", b"from staff\r\n", base=tuple(b.replace("alice@", "carol@sales.")
+                                                             for b in BASE)),
+        "list": _msg("list", b"list mail\r\n", "List-Id: Announce <announce.lists.example.org>"),
+        "stranger": _msg("stranger", b"not ours\r\n",
+                         base=tuple(b.replace("alice@example.org", "eve@elsewhere.test")
+                                    for b in BASE)),
+    }  # fmt: skip
+    with SmtpSink() as sink:
+        args = [f"--keyfile={default_key}", "--selector=dflt", "--domain=example.org",
+                f"--sender_map={tmp_path / 'sender_map'}",
+                f"--listid_map={tmp_path / 'listid_map'}"]  # fmt: skip
+        with ProxyProcess("out", args, sink.address) as proxy, proxy.smtp() as client:
+            for message in messages.values():
+                client.sendmail("postmaster@example.org", ["bob@example.net"], message)
+        arrived = {name: next(m.data for m in sink.wait_for(len(messages))
+                              if m.data.endswith(data))
+                   for name, data in messages.items()}  # fmt: skip
+    tags = {name: [(kind.split("-")[0].replace("domainkey", "domainkeys"), t["d"], t["s"])
+                   for kind, t in signature_tags(data)]
+            for name, data in arrived.items()}  # fmt: skip
+    assert sorted(tags["boss"]) == [("dkim", "example.com", "vip"),
+                                    ("domainkeys", "example.org", "dflt")]  # fmt: skip
+    assert sorted(tags["staff"]) == [("dkim", "example.org", "dflt"),
+                                     ("domainkeys", "example.org", "dflt")]  # fmt: skip
+    assert tags["list"] == [("dkim", "lists.example.org", "lists")]
+    assert tags["stranger"] == []
+    names = ["boss", "staff"]
+    for name, results in zip(names, verify_mail_dkim_many([arrived[n] for n in names],
+                                                          dns_server), strict=True):  # fmt: skip
+        assert len(results) == 2 and all(r.result == "pass" for r in results), (name, results)
+    (list_results,) = verify_go_msgauth([arrived["list"]], dns_server)
+    assert [(r.domain, r.result) for r in list_results] == [("lists.example.org", "pass")]
