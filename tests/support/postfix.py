@@ -18,6 +18,8 @@ Findings that shaped it (Postfix 3.7, run as root):
   instance's own master.cf runs every service unchrooted.
 * `maillog_file` (postlogd, Postfix >= 3.4) writes the log to a file of ours, but only below
   `maillog_file_prefixes`, which defaults to /var and /dev/stdout.
+* Every Postfix program re-reads main.cf, pausing 300 ms, until the file is over a second old
+  (a guard against half-written files); backdating the freshly written files saves seconds.
 * The master is run in the foreground (`master -c DIR`; it becomes its own session leader).
   PR_SET_PDEATHSIG does not survive it (the kernel clears it when the master switches
   effective ids to create its lock file), so a small watchdog process carries the
@@ -45,9 +47,15 @@ from types import TracebackType
 from .tools import die_with_parent, missing, require_tool, wait_for_port
 
 #: Stays in the foreground with the master as its child; SIGTERM (our parent-death signal, or
-#: teardown) is passed on to the master, which passes it on to its own process group.
+#: teardown) is passed on to the master, which passes it on to its own process group. As a
+#: child subreaper it also reaps the daemons that outlive the master by a moment (in a
+#: container whose init does not reap, they would stay zombies), so its exit means "all gone".
 _WATCHDOG = r"""
-import signal, subprocess, sys
+import ctypes, os, signal, subprocess, sys, time
+try:
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+except (OSError, AttributeError):
+    pass
 master = subprocess.Popen(sys.argv[1:])
 def stop(signum, frame):
     try:
@@ -56,7 +64,15 @@ def stop(signum, frame):
         pass
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
-sys.exit(master.wait())
+code = master.wait()
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    try:
+        if os.waitpid(-1, os.WNOHANG)[0] == 0:
+            time.sleep(0.05)
+    except ChildProcessError:
+        break
+sys.exit(code)
 """
 
 #: The services every Postfix needs (Postfix's stock master.cf, minus local delivery and
@@ -184,6 +200,8 @@ class PostfixInstance:
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._postfix = ""
         self._postqueue = ""
+        #: what `postfix check` said (warnings about the configuration end up here)
+        self.check_output = ""
 
     # -- paths --------------------------------------------------------------------------------
 
@@ -242,6 +260,11 @@ class PostfixInstance:
             fh.writelines(f"{name} = {value}\n" for name, value in self.main_cf().items())
         with open(os.path.join(self.config_dir, "master.cf"), "w", encoding="utf-8") as fh:
             fh.write(BASE_MASTER_CF + "\n" + self.services)
+        # Postfix re-reads a configuration file until its mtime is over a second old (a guard
+        # against half-written files), pausing 300 ms each time: backdate ours.
+        past = time.time() - 60
+        for name in ("main.cf", "master.cf"):
+            os.utime(os.path.join(self.config_dir, name), (past, past))
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -264,39 +287,43 @@ class PostfixInstance:
             raise AssertionError("unreachable") from None  # pragma: no cover
 
         self.dir = tempfile.mkdtemp(prefix="dkproxy-postfix-")
-        os.chmod(self.dir, 0o755)  # the daemons run as postfix
-        self._write_config()
-        data_dir = os.path.join(self.dir, "data")
-        os.makedirs(data_dir)
-        os.chown(data_dir, owner.pw_uid, owner.pw_gid)
-        os.makedirs(self.queue_dir)
-        check = self._run([self._postfix, "-c", self.config_dir, "check"])
-        if check.returncode != 0:
-            raise PostfixError(f"postfix check failed:\n{check.stdout}{self.maillog()}")
+        try:
+            os.chmod(self.dir, 0o755)  # the daemons run as postfix
+            self._write_config()
+            data_dir = os.path.join(self.dir, "data")
+            os.makedirs(data_dir)
+            os.chown(data_dir, owner.pw_uid, owner.pw_gid)
+            os.makedirs(self.queue_dir)
+            check = self._run([self._postfix, "-c", self.config_dir, "check"])
+            self.check_output = check.stdout
+            if check.returncode != 0:
+                raise PostfixError(f"postfix check failed:\n{self.diagnostics()}")
 
-        out = open(os.path.join(self.dir, "master.out"), "wb")  # noqa: SIM115
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, master, "-c", self.config_dir],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-        )
-        out.close()
-        deadline = time.monotonic() + timeout
-        for port in self.inet_ports:
-            while True:
-                if self._watchdog.poll() is not None:
-                    raise PostfixError(f"the Postfix master exited:\n{self.diagnostics()}")
-                try:
-                    wait_for_port("127.0.0.1", port, timeout=0.5)
-                    break
-                except TimeoutError:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise PostfixError(
-                            f"Postfix not listening on {port}:\n{self.diagnostics()}"
-                        ) from None
+            out = open(os.path.join(self.dir, "master.out"), "wb")  # noqa: SIM115
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-c", _WATCHDOG, master, "-c", self.config_dir],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
+            out.close()
+            deadline = time.monotonic() + timeout
+            for port in self.inet_ports:
+                while True:
+                    if self._watchdog.poll() is not None:
+                        raise PostfixError(f"the Postfix master exited:\n{self.diagnostics()}")
+                    try:
+                        wait_for_port("127.0.0.1", port, timeout=0.5)
+                        break
+                    except TimeoutError:
+                        if time.monotonic() > deadline:
+                            raise PostfixError(
+                                f"Postfix not listening on {port}:\n{self.diagnostics()}"
+                            ) from None
+        except BaseException:
+            self.cleanup()  # the error carries the log; leave nothing behind
+            raise
         return self
 
     def stop(self) -> None:
@@ -307,7 +334,7 @@ class PostfixInstance:
         if watchdog.poll() is None:
             self._run([self._postfix, "-c", self.config_dir, "stop"], timeout=30)
             try:
-                watchdog.wait(10)
+                watchdog.wait(15)
             except subprocess.TimeoutExpired:
                 watchdog.terminate()
                 try:
@@ -318,11 +345,14 @@ class PostfixInstance:
         self._kill_leftovers()
 
     def _kill_leftovers(self) -> None:
-        """SIGKILL the master's process group if a master is still alive (pid file)."""
+        """SIGKILL the master's process group if our master is somehow still alive (its pid
+        file names it, and its command line names our config directory)."""
         with contextlib.suppress(OSError, ValueError):
             with open(os.path.join(self.queue_dir, "pid", "master.pid"), encoding="ascii") as fh:
                 pid = int(fh.read().strip())
-            if pid > 1:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                ours = self.config_dir.encode() in fh.read().split(b"\0")
+            if pid > 1 and ours:
                 os.killpg(pid, signal.SIGKILL)
 
     def cleanup(self) -> None:
@@ -400,6 +430,8 @@ class PostfixInstance:
 
     def maillog(self) -> str:
         """Everything Postfix logged so far (its postlogd writes our maillog file)."""
+        if not self.dir:
+            return ""
         try:
             with open(self.maillog_path, "rb") as fh:
                 return fh.read().decode("utf-8", "replace")
@@ -408,7 +440,12 @@ class PostfixInstance:
 
     def diagnostics(self) -> str:
         """The maillog plus whatever the master wrote to stdout/stderr, for failure messages."""
+        if not self.dir:
+            return "(instance directory already removed)"
         master_out = ""
         with contextlib.suppress(OSError), open(os.path.join(self.dir, "master.out"), "rb") as fh:
             master_out = fh.read().decode("utf-8", "replace")
-        return f"--- maillog ---\n{self.maillog()}--- master output ---\n{master_out}"
+        return (
+            f"--- postfix check ---\n{self.check_output}--- maillog ---\n{self.maillog()}"
+            f"--- master output ---\n{master_out}"
+        )

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from types import TracebackType
 
-from .tools import free_port
+from .tools import die_with_parent, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,7 +57,12 @@ class ProxyProcess:
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
         self.proc = subprocess.Popen(
-            self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT
+            self.command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+            preexec_fn=die_with_parent,  # a killed pytest leaves no daemon behind
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
