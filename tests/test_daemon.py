@@ -110,9 +110,18 @@ def test_dkimproxy_program_names_work(tmp_path: Path, keyfile: str) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
-                         text=True, check=False).stdout  # fmt: skip
-    return [int(line) for line in out.split()]
+    """Child processes of pid, from /proc (no procps needed)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry))
+    return children
 
 
 def _alive(pid: int) -> bool:
