@@ -508,6 +508,10 @@ class InboundConfig(_CommonConfig):
     dns_timeout: float = Field(5.0, gt=0)
     max_signatures: int = Field(5, ge=1)
     min_key_bits: int = Field(1024, ge=1024)
+    #: rsa-sha1 DKIM signatures count as valid. RFC 8301 says they must not, but DKIMproxy,
+    #: whose users this replaces, signs rsa-sha1 unless told a=rsa-sha256, and OpenDKIM and
+    #: Mail::DKIM still accept it; off gives such signatures dkim=policy.
+    allow_sha1: bool = True
     #: "method.result" -> action, e.g. {"dkim.temperror": "tempfail", "dmarc.reject": "reject"};
     #: results not listed are accepted.
     actions: dict[str, Action] = Field(default_factory=dict)
@@ -854,6 +858,13 @@ _OPTIONS: tuple[_Opt, ...] = (
         help="smallest RSA key accepted as valid (default 1024)",
         metavar="BITS",
         minimum=1024,
+    ),
+    _Opt(
+        "allow_sha1",
+        "bool",
+        _IN,
+        help="accept rsa-sha1 DKIM signatures, as DKIMproxy signs by default (default on; "
+        "--no-allow_sha1 follows RFC 8301 strictly)",
     ),
     _Opt("spf", "bool", _IN, help="check SPF (default on; --no-spf turns it off)"),
     _Opt("dmarc", "bool", _IN, help="evaluate DMARC (default on; --no-dmarc turns it off)"),
@@ -1341,6 +1352,7 @@ class _TomlIn(_TomlCommon):
     dns_timeout: float | None = None
     max_signatures: int | None = None
     min_key_bits: int | None = None
+    allow_sha1: bool | None = None
     spf: bool | None = None
     dmarc: bool | None = None
     actions: dict[str, Any] = Field(default_factory=dict)
@@ -1510,6 +1522,7 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
         put("dns_timeout", doc.dns_timeout, "dns_timeout")
         put("max_signatures", doc.max_signatures, "max_signatures")
         put("min_key_bits", doc.min_key_bits, "min_key_bits")
+        put("allow_sha1", doc.allow_sha1, "allow_sha1")
         put("spf", doc.spf, "spf")
         put("dmarc", doc.dmarc, "dmarc")
         acc.set("actions", _flatten_actions(path, doc.actions), where("actions"))
@@ -1851,7 +1864,10 @@ def help_text(mode: Mode) -> str:
             "domain keyfile selector method dkim_method domainkeys_method identity signature "
             "sender_map listid_map min_rsa_bits",
         ),
-        ("verifying", "reject_fail dns_server dns_timeout max_signatures min_key_bits spf dmarc"),
+        (
+            "verifying",
+            "reject_fail dns_server dns_timeout max_signatures min_key_bits allow_sha1 spf dmarc",
+        ),
         (
             "daemon",
             "daemonize user group pidfile chroot min_servers max_servers min_spare_servers "

@@ -38,6 +38,7 @@ class InboundVerifier:
             authserv_id=cfg.hostname,
             max_signatures=cfg.max_signatures,
             min_key_bits=cfg.min_key_bits,
+            allow_sha1=cfg.allow_sha1,
             spf=cfg.spf,
             dmarc=cfg.dmarc,
             reject_fail=cfg.reject_fail,

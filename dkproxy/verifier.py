@@ -70,7 +70,8 @@ class VerifySettings:
     #: Look up the DomainKeys sender policy (`_domainkey.<sender domain>`, o=-) for mail
     #: without a passing first-party signature; needed by reject_fail.
     domainkeys_policy: bool = True
-    #: RFC 8301: rsa-sha1 DKIM signatures must not be considered valid; True only for old peers.
+    #: RFC 8301: rsa-sha1 DKIM signatures must not be considered valid. The library default
+    #: follows it; the proxy's configuration (allow_sha1) decides, see config.InboundConfig.
     allow_sha1: bool = False
     #: Several TXT records at one selector: try at most this many (RFC 6376 3.6.2.2).
     max_key_records: int = 3

@@ -280,3 +280,23 @@ def test_smtp_path_unchanged_for_inbound(
             assert client.reply()[0] == 421
     finally:
         dead.stop()
+
+
+def test_rsa_sha1_as_dkimproxy_signs_by_default(
+    tmp_path: Path, dns_server: DNSServer, signing_key: str, capture: CaptureServer
+) -> None:
+    """DKIMproxy's `signature dkim(c=relaxed)` signs rsa-sha1 (Mail::DKIM's default): accepted
+    by default, like OpenDKIM and Mail::DKIM do; `allow_sha1 no` applies RFC 8301."""
+    sha1 = sign_mail_dkim(MESSAGE, signing_key, "example.org", "in2026", algorithm="rsa-sha1")
+    assert b"a=rsa-sha1" in sha1.split(b"\r\n\r\n")[0]
+    for extra, verdict in (((), "pass"), (("allow_sha1 no",), "policy")):
+        proxy = start_inbound(tmp_path, capture.address, dns_server, *extra)
+        try:
+            assert send(proxy, sha1)[0] == 250
+        finally:
+            proxy.stop()
+        data = capture.messages[-1].data
+        assert data is not None
+        (result,) = ar_results(data)["dkim"]
+        assert result.result == verdict
+        assert {p.name: p.value for p in result.properties}["a"] == "rsa-sha1"
