@@ -330,9 +330,9 @@ class SmtpSession:
         self._closing = True
 
     def reset_transaction(self) -> None:
-        self.envelope = Envelope(
-            peer=self.peer, helo=self.helo, xforward=dict(self.envelope.xforward)
-        )
+        """A new transaction; XFORWARD attributes end with the old one, as in Postfix's smtpd
+        (its client sends them again before each MAIL)."""
+        self.envelope = Envelope(peer=self.peer, helo=self.helo)
         self.accepted_rcpts = 0
 
     # -- session --------------------------------------------------------------------------
