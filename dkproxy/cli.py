@@ -69,6 +69,11 @@ def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
     except OSError as exc:
         return _fail(str(exc.strerror or exc), 1)
     workers = cfg.workers or os.cpu_count() or 1
+    prefork = ("min_servers", "max_servers", "min_spare_servers", "max_spare_servers")
+    if any(getattr(cfg, name) is not None for name in prefork):
+        log.info("%s size Net::Server's pool of one-client processes; each dkproxy worker "
+                 "serves many clients at once, so dkproxy runs %d workers (option workers)",
+                 "/".join(prefork), workers)  # fmt: skip
     access = daemon.AccessList.build(cfg.allow, cfg.deny, cfg.cidr_allow, cfg.cidr_deny)
 
     def after_load() -> None:
