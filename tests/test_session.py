@@ -464,3 +464,34 @@ def test_large_messages_are_spooled_and_leave_no_files_behind(
     assert len(capture.messages) == 4
     for tx in capture.messages[1:]:
         assert tx.data is not None and tx.data.endswith(big)
+
+
+def test_random_garbage_never_stops_the_server(keyfile: str, capture: CaptureServer) -> None:
+    """Junk of every kind, pipelined or not, gets answers or a closed connection; the next
+    client is served normally."""
+    import random
+
+    rng = random.Random(11)
+    verbs = [b"MAIL FROM:", b"RCPT TO:", b"DATA", b"EHLO", b"XFORWARD", b"BDAT 10", b"\x00",
+             b"\xff\xfe", b"HELO", b"RSET", b"MAIL FROM:<a@example.org> SIZE=x", b"."]  # fmt: skip
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy:
+        for _ in range(30):
+            with RawClient(proxy.host, proxy.port, timeout=5) as client:
+                client.reply()
+                junk = b"".join(
+                    rng.choice(verbs) + bytes(rng.randrange(256) for _ in range(rng.randrange(40)))
+                    + rng.choice([b"\r\n", b"\n", b"\r", b""])
+                    for _ in range(rng.randrange(1, 25))
+                )  # fmt: skip
+                client.send(junk + b"\r\nQUIT\r\n")
+                try:
+                    while client.reply()[0] != 221:
+                        pass
+                except (ConnectionError, TimeoutError):
+                    pass  # closed after too many errors, or still inside DATA: both fine
+        with proxy.smtp() as client:
+            assert client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE) == {}
+        assert proxy.proc is not None and proxy.proc.poll() is None
+        assert "Traceback" not in proxy.log
+    assert capture.messages[-1].data is not None
+    assert capture.messages[-1].data.endswith(MESSAGE)
