@@ -255,15 +255,3 @@ def header_byte_ranges(message: Message, indexes: Iterable[int]) -> list[tuple[i
         starts.append(offset)
         offset += size
     return [(starts[i], starts[i] + sizes[i]) for i in sorted(set(indexes))]
-
-
-def remove_header_fields(message: Message, indexes: Iterable[int]) -> bytes:
-    """The message bytes without the given header fields (everything else byte-identical)."""
-    data = message.data
-    out = []
-    pos = 0
-    for start, end in header_byte_ranges(message, indexes):
-        out.append(data[pos:start])
-        pos = end
-    out.append(data[pos:])
-    return b"".join(out)

@@ -8,8 +8,6 @@ and reject_error, then the per-result actions of the native configuration.
 
 from __future__ import annotations
 
-import logging
-
 from dkproxy.authresults import (
     authentication_results,
     forged_authentication_results,
@@ -22,8 +20,6 @@ from dkproxy.relay import Part, Reply
 from dkproxy.session import Envelope, Outcome
 from dkproxy.spool import Spool
 from dkproxy.verifier import VerificationReport, VerifySettings, decide, verify_message
-
-log = logging.getLogger("dkproxy.inbound")
 
 
 class InboundVerifier:

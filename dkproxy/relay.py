@@ -35,10 +35,6 @@ class Reply:
     def text(self) -> str:
         return " ".join(self.lines)
 
-    @property
-    def is_positive(self) -> bool:
-        return 200 <= self.code < 400
-
     def render(self) -> bytes:
         """Wire form, as the downstream sent it (multi-line replies stay multi-line)."""
         lines = self.lines or ("",)
