@@ -161,6 +161,34 @@ class Message:
         return self.get_last("message-id")
 
 
+def wire_line_ends(piece: bytes) -> bytes:
+    """Rewrite the line ends of a piece of DATA the way Postfix's smtpd stores them.
+
+    RFC 5321 2.3.8: CR and LF only occur together, as the line end. Postfix 3.7 (the next hop
+    the shipped master.cf names) reads every LF as a line end, drops every CR right before it
+    and turns every other CR into a space; its smtp client then sends each line with CRLF.
+    Measured with the real Postfix (tests/test_line_ends.py), e.g. `a<CR><CR><LF>` -> `a<CRLF>`,
+    `a<CR>b<CRLF>` -> `a b<CRLF>`, `a<LF><CR>b` -> `a<CRLF> b`. qmail-smtpd passes the
+    resulting clean CRLF lines on unchanged. Doing the same before signing means that what is
+    signed is what the next hop stores, so the signature survives.
+
+    `piece` is wire data (still dot-stuffed), in any size, cut after an LF or, within a very
+    long line, anywhere but inside a run of CRs (a run of CRs at the very end of a piece is
+    kept as it is, since the next piece may start with the LF that ends it). Returns bytes in
+    which every line end is CRLF and no other CR is left.
+    """
+    crs = piece.count(b"\r")
+    if crs == piece.count(b"\n") and crs == piece.count(b"\r\n"):
+        return piece  # the usual case: clean CRLF lines
+    lines = piece.split(b"\n")
+    tail = lines.pop()  # after the last LF: the start of a line that goes on in the next piece
+    out = [line.rstrip(b"\r").replace(b"\r", b" ") + b"\r\n" for line in lines]
+    if tail:
+        body = tail.rstrip(b"\r")
+        out.append(body.replace(b"\r", b" ") + tail[len(body) :])
+    return b"".join(out)
+
+
 def _find_header_end(data: Buffer) -> tuple[int, int]:
     """Return (end of header block, start of body).
 

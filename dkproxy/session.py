@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from dkproxy.message import Buffer
+from dkproxy.message import Buffer, wire_line_ends
 from dkproxy.relay import DownstreamError, Part, RelayClient, RelayPool, Reply, local_reply
 from dkproxy.spool import Spool
 
@@ -200,18 +200,18 @@ class UpstreamStream:
                     if len(self._buf) < _READ_CHUNK:
                         await self._fill()
                         continue
-                    # One very long line: split it anywhere but between CR and LF.
-                    cut = len(self._buf) - (2 if self._buf.endswith(b"\r") else 1)
+                    # One very long line: split it anywhere but inside a run of CRs (they
+                    # may end in the LF that makes them one line end, see wire_line_ends).
+                    cut = len(self._buf) - 1
+                    while cut > 1 and self._buf[cut - 1] == 0x0D:
+                        cut -= 1
                     consumed = cut
                 else:
                     cut = consumed = last + 2
             if kept is not None:
-                piece = bytes(self._buf[:cut])
-                if piece.count(b"\n") != piece.count(b"\r\n"):
-                    # Bare LF: Postfix and every verifier read it as a line end, and Postfix
-                    # stores it as CRLF; send it on as CRLF too, so what we sign is what
-                    # arrives (also the dot after it is stuffing, as Postfix reads it).
-                    piece = piece.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+                # Bare LF, bare CR, CR CR LF ...: rewritten as Postfix stores them, so what we
+                # sign is what arrives (a dot after a bare LF is stuffing, as Postfix reads it).
+                piece = wire_line_ends(bytes(self._buf[:cut]))
                 if line_start and piece.startswith(b"."):
                     piece = piece[1:]
                 kept.write(piece.replace(b"\r\n.", b"\r\n"))

@@ -1,0 +1,180 @@
+"""Line-end irregularities in DATA: rewritten as Postfix stores them, before signing.
+
+RFC 5321 2.3.8 allows CR and LF only together. A client that sends a bare CR, CR CR LF, a bare
+LF or LF CR straight to `dkproxy out` gets its message signed; the next hop (Postfix's smtpd,
+per conf/postfix-master-out.cf) then stores the lines its own way. Measured with Postfix 3.7:
+every LF ends a line, the CRs right before it are dropped, every other CR becomes a space.
+`wire_line_ends` does the same, and these tests hold it to the real Postfix: the same bytes
+sent straight to the reinjection smtpd arrive as `wire_line_ends` predicts, and through the
+whole chain (dkproxy out -> Postfix -> capture) the signatures still verify with Mail::DKIM,
+go-msgauth and dkimpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from dkproxy.message import wire_line_ends
+from tests.support.client import RawClient
+from tests.support.dnsserver import DNSServer
+from tests.support.postfix import PostfixInstance
+from tests.support.proxy import ProxyProcess
+from tests.support.sink import CaptureServer
+from tests.support.testkeys import dns_record, make_rsa_key
+from tests.support.tools import free_port
+from tests.support.verifiers import verify_dkimpy, verify_go_msgauth, verify_mail_dkim_many
+from tests.test_postfix import outbound_services
+
+DOMAIN = "example.org"
+SELECTOR = "lineends"
+
+#: body (as sent, still dot-stuffed) -> what Postfix 3.7 stores and delivers.
+CASES: dict[str, tuple[bytes, bytes]] = {
+    "cr-cr-lf": (b"line one\r\r\nline two\r\n", b"line one\r\nline two\r\n"),
+    "three-cr-lf": (b"line one\r\r\r\nx\r\n", b"line one\r\nx\r\n"),
+    "bare-cr-mid-line": (b"line\rone\r\nline two\r\n", b"line one\r\nline two\r\n"),
+    "bare-lf": (b"line one\nline two\r\n", b"line one\r\nline two\r\n"),
+    "lf-cr": (b"line one\n\rline two\r\n", b"line one\r\n line two\r\n"),
+    "cr-at-end-of-data": (b"line one\r\nlast\r", b"line one\r\nlast\r\n"),
+    "cr-only-line": (b"a\r\n\r\r\nb\r\n", b"a\r\n\r\nb\r\n"),
+    "cr-before-space": (b"a\r \r\nb\r\n", b"a  \r\nb\r\n"),
+    "cr-at-line-start": (b"a\r\n\rb\r\n", b"a\r\n b\r\n"),
+    "cr-runs": (b"a\r\r\nb\r\rc\r\n", b"a\r\nb  c\r\n"),
+    "cr-before-dot": (b"a\r.\r\n", b"a .\r\n"),
+}
+# (the data terminator CRLF.CRLF follows each body; a body ending in bare CR makes "CR CRLF")
+
+
+def test_wire_line_ends_matches_measured_postfix() -> None:
+    for name, (sent, stored) in CASES.items():
+        wire = sent if sent.endswith(b"\n") else sent + b"\r\n"
+        assert wire_line_ends(wire) == stored, name
+
+
+def test_wire_line_ends_leaves_clean_data_alone() -> None:
+    clean = b"a\r\n\r\n.b\r\n" * 100
+    assert wire_line_ends(clean) is clean
+    assert wire_line_ends(b"") == b""
+
+
+def test_wire_line_ends_in_a_header_block() -> None:
+    # A line starting with CR becomes a folded continuation line, as Postfix stores it.
+    sent = b"Subject: hdr\rmid\r\nX-Fold: one\r\n\rtwo\r\nX-End: v \r\r\n\r\n"
+    assert wire_line_ends(sent) == b"Subject: hdr mid\r\nX-Fold: one\r\n two\r\nX-End: v \r\n\r\n"
+
+
+def test_wire_line_ends_same_result_in_pieces() -> None:
+    """Cut anywhere but inside a run of CRs (what the DATA reader guarantees), the pieces give
+    the same bytes as the whole: every pair of cut points in a message with every form."""
+    data = b"".join(sent + b"\r\n" for sent, _ in CASES.values()) + b"x\n\r\r.y\r\r\r\n"
+    whole = wire_line_ends(data)
+    assert whole.count(b"\r") == whole.count(b"\n") == whole.count(b"\r\n")
+    allowed = [i for i in range(1, len(data)) if data[i - 1] != 0x0D]
+    for first in allowed:
+        for second in allowed[allowed.index(first) :: 7]:
+            pieces = (data[:first], data[first:second], data[second:])
+            assert b"".join(wire_line_ends(p) for p in pieces) == whole, (first, second)
+
+
+# --------------------------------------------------------------------------------------------
+# against the real Postfix
+
+
+@pytest.fixture(scope="module")
+def chain(
+    tmp_path_factory: pytest.TempPathFactory, dns_server: DNSServer
+) -> Iterator[tuple[PostfixInstance, ProxyProcess, CaptureServer]]:
+    """conf/postfix-master-out.cf in a private Postfix relaying to a byte-exact capture server,
+    and `dkproxy out` re-injecting into it (DKIM relaxed and simple, DomainKeys nofws)."""
+    key = make_rsa_key(str(tmp_path_factory.mktemp("line-ends") / "key.pem"))
+    name = f"{SELECTOR}._domainkey.{DOMAIN}"
+    dns_server.publish({name: [dns_record(key)]})
+    capture = CaptureServer().start()
+    submission, filter_port, reinject = free_port(), free_port(), free_port()
+    mta = PostfixInstance(
+        services=outbound_services(submission, filter_port, reinject),
+        relayhost=f"[127.0.0.1]:{capture.port}",
+    )
+    args = [
+        f"--keyfile={key}",
+        f"--selector={SELECTOR}",
+        f"--domain={DOMAIN}",
+        "--signature=dkim(c=relaxed)",
+        "--signature=dkim(c=simple)",
+        "--signature=domainkeys(c=nofws)",
+    ]
+    proxy = ProxyProcess("out", args, relay=f"127.0.0.1:{reinject}", port=filter_port)
+    try:
+        mta.start()
+        proxy.start()
+        yield mta, proxy, capture
+    finally:
+        proxy.stop()
+        print(f"=== dkproxy\n{proxy.log}\n=== Postfix\n{mta.diagnostics() if mta.dir else ''}")
+        mta.cleanup()
+        capture.stop()
+        dns_server.unpublish(name)
+
+
+def send_raw(port: int, subject: str, body: bytes) -> None:
+    head = f"From: Alice <alice@{DOMAIN}>\r\nTo: bob@example.net\r\nSubject: {subject}\r\n"
+    head += f"Message-ID: <{subject}@{DOMAIN}>\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n\r\n"
+    with RawClient("127.0.0.1", port) as client:
+        assert client.reply()[0] == 220
+        assert client.command("EHLO client.example.org")[0] == 250
+        assert client.command(f"MAIL FROM:<alice@{DOMAIN}>")[0] == 250
+        assert client.command("RCPT TO:<bob@example.net>")[0] == 250
+        assert client.command("DATA")[0] == 354
+        end = b".\r\n" if body.endswith(b"\n") else b"\r\n.\r\n"
+        client.send(head.encode() + body + end)
+        code, text = client.reply()
+        assert code == 250, text
+        client.command("QUIT")
+
+
+def body_of(data: bytes) -> bytes:
+    return data.split(b"\r\n\r\n", 1)[1]
+
+
+def test_postfix_stores_what_wire_line_ends_predicts(
+    chain: tuple[PostfixInstance, ProxyProcess, CaptureServer],
+) -> None:
+    mta, _proxy, capture = chain
+    reinject = mta.inet_ports[-1]
+    before = len(capture.messages)
+    for name, (sent, _stored) in CASES.items():
+        send_raw(reinject, f"direct-{name}", sent)
+    arrived = capture.wait_for(before + len(CASES), timeout=60)[before:]
+    got = {m.data.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0]: m.data for m in arrived}
+    for name, (sent, stored) in CASES.items():
+        assert body_of(got[f"direct-{name}".encode()]) == stored, name
+        wire = sent if sent.endswith(b"\n") else sent + b"\r\n"
+        assert body_of(got[f"direct-{name}".encode()]) == wire_line_ends(wire), name
+
+
+def test_signatures_survive_postfix_for_every_line_end_form(
+    chain: tuple[PostfixInstance, ProxyProcess, CaptureServer], dns_server: DNSServer
+) -> None:
+    mta, proxy, capture = chain
+    before = len(capture.messages)
+    for name, (sent, _stored) in CASES.items():
+        send_raw(proxy.port, f"signed-{name}", sent)
+    arrived = capture.wait_for(before + len(CASES), timeout=90)[before:]
+    delivered = [m.data for m in arrived]
+    for data in delivered:
+        subject = data.split(b"Subject: signed-", 1)[1].split(b"\r\n", 1)[0].decode()
+        assert body_of(data) == CASES[subject][1], subject
+    expected = [
+        ("dkim", "pass", DOMAIN),
+        ("dkim", "pass", DOMAIN),
+        ("domainkeys", "pass", DOMAIN),
+    ]
+    for results in verify_mail_dkim_many(delivered, dns_server):
+        assert sorted((r.kind, r.result, r.domain) for r in results) == expected, results
+    for results in verify_go_msgauth(delivered, dns_server):
+        assert [(r.kind, r.result) for r in results] == [("dkim", "pass")] * 2, results
+    for data in delivered:
+        results = verify_dkimpy(data, dns_server)
+        assert [r.result for r in results] == ["pass", "pass"], results
