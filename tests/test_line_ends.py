@@ -157,7 +157,7 @@ def test_postfix_stores_what_wire_line_ends_predicts(
 def test_signatures_survive_postfix_for_every_line_end_form(
     chain: tuple[PostfixInstance, ProxyProcess, CaptureServer], dns_server: DNSServer
 ) -> None:
-    mta, proxy, capture = chain
+    _mta, proxy, capture = chain
     before = len(capture.messages)
     for name, (sent, _stored) in CASES.items():
         send_raw(proxy.port, f"signed-{name}", sent)
