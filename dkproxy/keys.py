@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
@@ -63,27 +64,76 @@ def public_p_value(key: PrivateKey) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+#: PEM labels of the private keys DKIMproxy (Mail::DKIM) and OpenDKIM load: PKCS#1 and PKCS#8.
+_PEM_PRIVATE = (b"RSA PRIVATE KEY", b"PRIVATE KEY")
+_FORMATS = (
+    "PEM 'RSA PRIVATE KEY' (PKCS#1) or 'PRIVATE KEY' (PKCS#8), the same without its BEGIN/END "
+    "lines (base64), or a base64 ed25519 seed"
+)
+
+
 def _parse_private_key(path: str, data: bytes) -> PrivateKey:
-    stripped = data.strip()
-    if stripped.startswith(b"-----BEGIN"):
+    """Load the key formats DKIMproxy and OpenDKIM accept; KeyLoadError naming what was found.
+
+    Accepted: PEM PKCS#1 (`BEGIN RSA PRIVATE KEY`) and PKCS#8 (`BEGIN PRIVATE KEY`, RSA or
+    Ed25519); the base64 body of either without its BEGIN/END lines (Mail::DKIM and OpenDKIM
+    read keys handed out that way); a base64 32-byte Ed25519 seed (dkimpy's dknewkey, RFC
+    8463). LF or CRLF line ends.
+    """
+    text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").strip()
+    if text.startswith(b"-----BEGIN"):
+        return _parse_pem(path, text)
+    compact = b"".join(text.split())
+    try:
+        raw = base64.b64decode(compact, validate=True)
+    except ValueError:
+        raise KeyLoadError(path, f"found {_describe(data)}; expected {_FORMATS}") from None
+    if len(raw) == 32:
+        return ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+    try:
+        key = serialization.load_der_private_key(raw, password=None)
+    except (TypeError, ValueError, UnsupportedAlgorithm):
         try:
-            key = serialization.load_pem_private_key(stripped, password=None)
-        except TypeError as exc:
-            raise KeyLoadError(path, "key is encrypted; dkproxy needs an unencrypted key") from exc
-        except ValueError as exc:
-            raise KeyLoadError(path, f"not a valid PEM private key ({exc})") from exc
-    else:
-        # dkimpy's dknewkey writes ed25519 keys as a bare base64 seed of 32 bytes.
-        try:
-            raw = base64.b64decode(stripped, validate=True)
-        except ValueError as exc:
-            raise KeyLoadError(path, "neither PEM nor a base64 ed25519 seed") from exc
-        if len(raw) != 32:
-            raise KeyLoadError(path, "neither PEM nor a base64 ed25519 seed")
-        key = ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+            serialization.load_der_public_key(raw)
+        except (ValueError, UnsupportedAlgorithm):
+            found = f"{len(raw)} bytes of base64 data that are no PKCS#1 or PKCS#8 private key"
+        else:
+            found = "a base64 public key (the private key is needed for signing)"
+        raise KeyLoadError(path, f"found {found}; expected {_FORMATS}") from None
+    return _checked_type(path, key)
+
+
+def _parse_pem(path: str, text: bytes) -> PrivateKey:
+    label = text.split(b"\n", 1)[0][len(b"-----BEGIN ") :].rstrip(b"-").strip()
+    shown = label.decode("ascii", "replace")
+    if label == b"ENCRYPTED PRIVATE KEY" or b"Proc-Type: 4,ENCRYPTED" in text:
+        raise KeyLoadError(path, "key is encrypted; dkproxy needs an unencrypted key")
+    if label not in _PEM_PRIVATE:
+        raise KeyLoadError(path, f"found a PEM '{shown}' block; expected {_FORMATS}")
+    try:
+        key = serialization.load_pem_private_key(text, password=None)
+    except TypeError as exc:
+        raise KeyLoadError(path, "key is encrypted; dkproxy needs an unencrypted key") from exc
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyLoadError(path, f"not a valid PEM '{shown}' ({exc})") from exc
+    return _checked_type(path, key)
+
+
+def _checked_type(path: str, key: object) -> PrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
         raise KeyLoadError(path, f"unsupported key type {type(key).__name__}; use RSA or Ed25519")
     return key
+
+
+def _describe(data: bytes) -> str:
+    """What a key file that is neither PEM nor base64 looks like, without quoting key bytes."""
+    if data[:1] == b"\x30":
+        return "binary DER data (convert it: openssl pkey -inform DER -in FILE -out FILE.pem)"
+    if data.lstrip().startswith(b"PuTTY-User-Key-File"):
+        return "a PuTTY key file"
+    if b"\0" in data or any(byte > 0x7E for byte in data):
+        return "binary data"
+    return "text that is neither PEM nor base64"
 
 
 def load_signing_key(path: str, min_rsa_bits: int = MIN_RSA_BITS) -> SigningKey:

@@ -683,3 +683,116 @@ def test_split_txt_respects_the_255_byte_limit_exactly() -> None:
     assert split_txt("a" * 255) == [b"a" * 255]
     assert split_txt("a" * 256) == [b"a" * 255, b"a"]
     assert split_txt("") == [b""]
+
+
+# ---------------------------------------------------------------------------------------------
+# key file formats DKIMproxy (Mail::DKIM) and OpenDKIM load
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_forms(pem_path: str) -> dict[str, bytes]:
+    """The RSA key at `pem_path` written in every form DKIMproxy or OpenDKIM users have."""
+    from cryptography.hazmat.primitives import serialization
+
+    with open(pem_path, "rb") as handle:
+        key = serialization.load_pem_private_key(handle.read(), password=None)
+    none = serialization.NoEncryption()
+    pem = serialization.Encoding.PEM
+    pkcs1 = key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, none)
+    pkcs8 = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, none)
+
+    def body(block: bytes) -> bytes:
+        return b"".join(line + b"\n" for line in block.splitlines() if b"-----" not in line)
+
+    return {
+        "pem-pkcs1": pkcs1,
+        "pem-pkcs8": pkcs8,
+        "pem-pkcs1-crlf": pkcs1.replace(b"\n", b"\r\n"),
+        "pem-pkcs8-crlf": pkcs8.replace(b"\n", b"\r\n"),
+        "bare-pkcs1": body(pkcs1),
+        "bare-pkcs8": body(pkcs8),
+        "bare-pkcs1-one-line": b"".join(body(pkcs1).split()),
+        "bare-pkcs8-crlf": body(pkcs8).replace(b"\n", b"\r\n"),
+    }
+
+
+def test_every_key_form_dkimproxy_loads_gives_the_same_key(
+    rsa_generated: Generated, tmp_path: Path
+) -> None:
+    expected = load_signing_key(rsa_generated.key).public_p
+    for name, data in _key_forms(rsa_generated.key).items():
+        path = tmp_path / f"{name}.key"
+        path.write_bytes(data)
+        key = load_signing_key(str(path))
+        assert (key.kind, key.bits, key.public_p) == ("rsa", 2048, expected), name
+
+
+def test_headerless_keys_sign_mail_that_verifiers_and_dkimproxy_accept(
+    rsa_generated: Generated, tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """The field report: a base64 PKCS#1 body without BEGIN/END lines, as some providers hand
+    keys out. DKIMproxy's Mail::DKIM signs with it, and so must `dkproxy out`."""
+    forms = _key_forms(rsa_generated.key)
+    for name in ("bare-pkcs1", "bare-pkcs8-crlf", "pem-pkcs1-crlf"):
+        path = tmp_path / f"{name}.key"
+        path.write_bytes(forms[name])
+        gen = Generated(rsa_generated.domain, rsa_generated.selector, str(path), "")
+        (signed,) = _send_through_proxy(gen, ["dkim(c=relaxed)", "domainkeys(c=nofws)"])
+        results = verify_mail_dkim(signed, dns_server)
+        assert sorted((r.kind, r.result) for r in results) == [
+            ("dkim", "pass"),
+            ("domainkeys", "pass"),
+        ], name
+        (go,) = verify_go_msgauth([signed], dns_server)
+        assert [r.result for r in go] == ["pass"], name
+        assert [r.result for r in verify_dkimpy(signed, dns_server)] == ["pass"], name
+    bare = tmp_path / "bare-pkcs1.key"
+    perl = sign_mail_dkim(_message("carol@x.test", "perl bare"), str(bare),
+                          rsa_generated.domain, rsa_generated.selector)  # fmt: skip
+    assert [r.result for r in verify_mail_dkim(perl, dns_server)] == ["pass"]
+
+
+def test_key_forms_nobody_loads_are_refused_naming_file_and_format(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    from dkproxy.keys import KeyLoadError
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    none = serialization.NoEncryption()
+    enc = serialization.Encoding
+    fmt = serialization.PrivateFormat
+    public_der = key.public_key().public_bytes(
+        enc.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    cases = {
+        "public.pem": (
+            key.public_key().public_bytes(enc.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+            "found a PEM 'PUBLIC KEY' block",
+        ),
+        "encrypted.pem": (
+            key.private_bytes(enc.PEM, fmt.PKCS8, serialization.BestAvailableEncryption(b"secret")),
+            "key is encrypted",
+        ),
+        "openssh.key": (key.private_bytes(enc.PEM, fmt.OpenSSH, none), "'OPENSSH PRIVATE KEY'"),
+        "ec.pem": (ec_key.private_bytes(enc.PEM, fmt.TraditionalOpenSSL, none), "'EC PRIVATE KEY'"),
+        "ec-pkcs8.pem": (ec_key.private_bytes(enc.PEM, fmt.PKCS8, none), "unsupported key type"),
+        "key.der": (key.private_bytes(enc.DER, fmt.PKCS8, none), "binary DER data"),
+        "public.b64": (base64_lines(public_der), "a base64 public key"),
+        "random.b64": (base64_lines(os.urandom(100)), "100 bytes of base64 data"),
+        "text.key": (b"ssh-rsa AAAA... user@host\n", "text that is neither PEM nor base64"),
+    }
+    for name, (data, found) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(KeyLoadError) as info:
+            load_signing_key(str(path))
+        assert str(info.value).startswith(f"{path}: "), name
+        assert found in str(info.value), (name, str(info.value))
+
+
+def base64_lines(raw: bytes) -> bytes:
+    import base64
+
+    return base64.encodebytes(raw)

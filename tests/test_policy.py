@@ -292,7 +292,7 @@ def test_headers_and_identity_are_applied(keydir: Path) -> None:
     ("keyname", "expected"),
     [
         ("missing.key", "cannot read key file"),
-        ("garbage.key", "neither PEM nor a base64 ed25519 seed"),
+        ("garbage.key", "found text that is neither PEM nor base64"),
         ("weak.key", "512 bits"),
         (".", "cannot read key file"),
     ],
