@@ -66,6 +66,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dkproxy.addresses import DomainError, canonical_domain
+
 Mode = Literal["out", "in"]
 Action = Literal["accept", "tempfail", "reject"]
 
@@ -166,6 +168,18 @@ _TRUE_WORDS = frozenset({"1", "yes", "true", "on", "y"})
 _FALSE_WORDS = frozenset({"0", "no", "false", "off", "n", ""})
 
 
+def to_alabels(domain: str) -> str:
+    """A configured domain in the form every comparison uses: lower-case A-labels.
+
+    U-labels and A-labels are both accepted (RFC 5890, UTS 46; see dkproxy.addresses); raises
+    ValueError naming the value when it has no A-label form.
+    """
+    try:
+        return canonical_domain(domain)
+    except DomainError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def is_domain(value: str) -> bool:
     """True for a lower-case LDH domain name of at most 253 characters."""
     return len(value) <= 253 and _DOMAIN_RE.fullmatch(value) is not None
@@ -248,7 +262,7 @@ def parse_domain_list(value: str) -> list[str]:
             continue
         if "$" in item:
             check_macros(item, frozenset({"senderdomain"}), "domain")
-        elif not is_domain(item):
+        elif not is_domain(item := to_alabels(item)):
             raise ValueError(f"{item!r} is not a valid domain name")
         if item not in domains:
             domains.append(item)
@@ -649,6 +663,8 @@ def make_signature_template(values: dict[str, Any]) -> SignatureTemplate:
         domain = out["domain"] = str(domain).strip().rstrip(".").lower()
         if "$" in domain:
             check_macros(domain, DOMAIN_MACROS, "d=")
+        else:
+            domain = out["domain"] = to_alabels(domain)
         if not is_domain(_sample(domain)):
             raise ValueError(f"d={domain!r} is not a valid domain name")
     identity = out.get("identity")
@@ -1561,6 +1577,14 @@ def _flatten_actions(path: str, actions: dict[str, Any]) -> dict[str, str]:
     return flat
 
 
+def _alabels_or_same(name: str) -> str:
+    """`name` in A-labels when it has that form; else unchanged, for the caller's own check."""
+    try:
+        return canonical_domain(name) if name else name
+    except DomainError:
+        return name
+
+
 def normalise_pattern(pattern: str) -> str:
     """Check and lower-case a [[sign]] match pattern; raise ValueError."""
     text = pattern.strip().lower()
@@ -1570,15 +1594,18 @@ def normalise_pattern(pattern: str) -> str:
         ident = text[len("list-id:") :].strip().strip("<>")
         if ident == "*":
             return "list-id:*"
+        ident = _alabels_or_same(ident)
         if not ident or not re.fullmatch(r"[a-z0-9!#$%&'*+/=?^_`{|}~.-]+", ident):
             raise ValueError(f"{pattern!r} is not a valid List-Id pattern")
         return f"list-id:{ident}"
     if "@" in text:
         local, _, domain = text.rpartition("@")
+        domain = _alabels_or_same(domain)
         if not local or not is_safe_local_part(local) or not is_domain(domain):
             raise ValueError(f"{pattern!r} is not a valid address pattern")
-        return text
+        return f"{local}@{domain}"
     bare = text[1:] if text.startswith(".") else text
+    bare = _alabels_or_same(bare)
     if not is_domain(bare.rstrip(".")):
         raise ValueError(
             f"{pattern!r} is not a valid pattern (use a domain, .domain, user@domain, *, "

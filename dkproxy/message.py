@@ -12,8 +12,8 @@ from __future__ import annotations
 import mmap
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from email.utils import getaddresses
+
+from dkproxy.addresses import Address, parse_mailboxes
 
 #: What a message can be read from: memory, or a spool file's read-only mmap.
 Buffer = bytes | bytearray | mmap.mmap
@@ -25,23 +25,10 @@ BODY_CHUNK = 256 * 1024
 #: A header field name per RFC 5322: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 _UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
-#: Characters we accept in an address used as a key-selection input or macro value.
-_SAFE_ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@[A-Za-z0-9.\-]+")
 
 
 class MessageFormatError(ValueError):
     """The header block cannot be parsed into fields; signing is not possible."""
-
-
-@dataclass(frozen=True)
-class Address:
-    """A mailbox taken from a header; `domain` is lower-case, without a trailing dot."""
-
-    local: str
-    domain: str
-
-    def __str__(self) -> str:
-        return f"{self.local}@{self.domain}"
 
 
 class Message:
@@ -140,14 +127,28 @@ class Message:
 
     def sender(self) -> Address | None:
         """The address whose domain decides the signing key: Sender header, else From."""
-        for name in ("sender", "from"):
+        return self.sender_and_reason()[0]
+
+    def sender_and_reason(self) -> tuple[Address | None, str]:
+        """(Sender's first usable mailbox, else From's; or None and why none was usable).
+
+        Mail::DKIM's message_sender: the last Sender field, else the last From field. Any
+        mailbox RFC 5322 3.4.1 or RFC 6532 allows counts (see dkproxy.addresses); its domain
+        is in A-labels.
+        """
+        problems: list[str] = []
+        for name in ("Sender", "From"):
             value = self.get_last(name)
             if value is None:
                 continue
-            address = first_address(value)
-            if address is not None:
-                return address
-        return None
+            found = parse_mailboxes(value)
+            if found.addresses:
+                return found.addresses[0], ""
+            shown = value if len(value) <= 60 else value[:57] + "..."
+            problems.append(f"{name} {shown!r}: {'; '.join(found.problems)}")
+        if not problems:
+            return None, "no Sender or From header"
+        return None, "no usable sender address (" + "; ".join(problems) + ")"
 
     def list_id(self) -> str | None:
         """The List-Id identifier (the part in angle brackets), lower-cased."""
@@ -201,16 +202,3 @@ def _find_header_end(data: Buffer) -> tuple[int, int]:
     if separator < 0:
         return len(data), len(data)
     return separator + 2, separator + 4
-
-
-def first_address(value: str) -> Address | None:
-    """The first syntactically safe mailbox of a header value, or None."""
-    for _display, addr in getaddresses([value]):
-        addr = addr.strip()
-        if not _SAFE_ADDRESS.fullmatch(addr):
-            continue
-        local, _, domain = addr.rpartition("@")
-        domain = domain.rstrip(".").lower()
-        if local and domain and ".." not in domain and not domain.startswith("."):
-            return Address(local=local, domain=domain)
-    return None

@@ -57,6 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from dkproxy.addresses import DomainError, canonical_domain, canonical_domain_or_none
 from dkproxy.config import (
     ConfigError,
     OutboundConfig,
@@ -307,10 +308,17 @@ class SigningPolicy:
 
     # -- per message ---------------------------------------------------------------------------
 
-    def select(self, sender: Address | None, list_id: str | None) -> Selection:
-        """Decide the signatures for a message with this sender (Sender/From) and List-Id."""
+    def select(
+        self, sender: Address | None, list_id: str | None, *, no_sender: str = ""
+    ) -> Selection:
+        """Decide the signatures for a message with this sender (Sender/From) and List-Id.
+
+        `sender` has its domain in A-labels (dkproxy.addresses), as every rule has; without
+        a sender, `no_sender` says why (it becomes the reason when nothing is signed).
+        """
+        no_sender = no_sender or "no sender address (no usable Sender or From header)"
         if list_id and self._listid:
-            ident = list_id.strip().strip("<>").lower()
+            ident = _canonical_list_id(list_id)
             for key in _listid_keys(ident):
                 rule = self._listid.get(key)
                 if rule is not None:
@@ -330,7 +338,7 @@ class SigningPolicy:
             return self._render(self._default, sender, self._default.key_domain)
         if self._default_mode == "domains":
             if sender is None:
-                return Selection((), None, "no sender address (no usable Sender or From header)")
+                return Selection((), None, no_sender)
             for domain in _domain_and_parents(sender.domain):
                 rule = self._default_by_domain.get(domain)
                 if rule is not None:
@@ -342,7 +350,7 @@ class SigningPolicy:
                 f"({', '.join(self._domains)}) or below one",
             )
         if sender is None:
-            return Selection((), None, "no sender address (no usable Sender or From header)")
+            return Selection((), None, no_sender)
         what = f"sender {_shown(str(sender))}"
         if list_id and self._listid:
             what += f" or List-Id {_shown(list_id)}"
@@ -453,6 +461,12 @@ def _sender_keys(sender: Address) -> list[str]:
     return keys
 
 
+def _canonical_list_id(list_id: str) -> str:
+    """A List-Id identifier with its domain-like labels in A-labels where they have one."""
+    ident = list_id.strip().strip("<>").lower()
+    return canonical_domain_or_none(ident) or ident
+
+
 def _listid_keys(ident: str) -> list[str]:
     return [*_domain_and_parents(ident), "*"]
 
@@ -490,8 +504,20 @@ def _read_map(
             templates = parse_signature_list(value, where)
         except ValueError as exc:
             raise ConfigError(path, number, str(exc)) from None
-        entries.append((key.lower(), templates, where))
+        entries.append((_canonical_key(key.lower(), where), templates, where))
     return entries
+
+
+def _canonical_key(key: str, where: str) -> str:
+    """A map key with its domain in A-labels, so U-label and A-label entries both match."""
+    if key in (".", "*"):
+        return key
+    lead = "." if key.startswith(".") else ""
+    local, at, domain = key[len(lead) :].rpartition("@")
+    try:
+        return f"{lead}{local}{at}{canonical_domain(domain)}"
+    except DomainError as exc:
+        raise ConfigError.at(where, f"{key!r}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,12 +56,12 @@ class OutboundSigner:
             message = Message(data)
         except MessageFormatError as exc:
             return self._failed(f"sender=<> msgid=<> unsigned: {exc}")
-        sender = message.sender()
+        sender, no_sender = message.sender_and_reason()
         context = f"sender=<{sender or ''}> msgid={message.message_id() or '<>'}"
         if not message.get_all("from"):
             # DKIM requires a signed From: such a message passes unsigned, and is logged.
             return Outcome(summary=f"{context} unsigned: no From header")
-        selection = self.policy.select(sender, message.list_id())
+        selection = self.policy.select(sender, message.list_id(), no_sender=no_sender)
         if not selection.specs:
             return Outcome(summary=f"{context} unsigned: {selection.reason or 'no rule'}")
         dk_fields: list[bytes] = []
