@@ -16,6 +16,7 @@ from typing import Literal
 
 from publicsuffix2 import PublicSuffixList
 
+from .addresses import canonical_domain_or_none
 from .dnsresolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,11 @@ def _psl() -> PublicSuffixList:
 
 
 def organizational_domain(domain: str) -> str:
-    """RFC 7489 3.2: the public suffix plus one label (the domain itself if it is a suffix)."""
-    domain = domain.strip().rstrip(".").lower()
+    """RFC 7489 3.2: the public suffix plus one label (the domain itself if it is a suffix).
+
+    Works on A-labels, as the shipped list does (RFC 8616 s5): a U-label name is converted.
+    """
+    domain = _alabels(domain)
     if not domain:
         return domain
     labels = domain.split(".")
@@ -92,14 +96,22 @@ def organizational_domain(domain: str) -> str:
 
 
 def aligned(domain: str, from_domain: str, mode: Alignment) -> bool:
-    """Identifier alignment: identical (strict) or same organisational domain (relaxed)."""
-    a = domain.rstrip(".").lower()
-    b = from_domain.rstrip(".").lower()
+    """Identifier alignment: identical (strict) or same organisational domain (relaxed).
+
+    Both names are compared as A-labels (RFC 8616 s5), whichever form they came in.
+    """
+    a = _alabels(domain)
+    b = _alabels(from_domain)
     if not a or not b:
         return False
     if mode == "s":
         return a == b
     return a == b or organizational_domain(a) == organizational_domain(b)
+
+
+def _alabels(domain: str) -> str:
+    """The A-label form for every comparison and look-up; unconvertible names lower-cased."""
+    return canonical_domain_or_none(domain) or domain.strip().rstrip(".").lower()
 
 
 def parse_record(text: str) -> DmarcRecord:
@@ -169,7 +181,13 @@ async def evaluate(
     """
     if from_domain is None:
         return DmarcResult("permerror", None, reason=from_error or "no usable From domain")
-    from_domain = from_domain.rstrip(".").lower()
+    # RFC 7489 6.6.1 / RFC 8616 s5: A-labels before the policy look-up and every comparison.
+    canonical = canonical_domain_or_none(from_domain)
+    if canonical is None:
+        return DmarcResult(
+            "permerror", from_domain, reason=f"From domain {from_domain!r} is invalid"
+        )
+    from_domain = canonical
     status, record, reason = await _fetch(resolver, from_domain)
     record_domain = from_domain
     org = organizational_domain(from_domain)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import spf as pyspf
 
+from .addresses import canonical_domain_or_none
 from .dnsresolver import DnsAnswer, Resolver
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,12 @@ async def check_spf(
     helo_name = (helo or "").strip().rstrip(".")
     if sender and "@" not in sender:
         sender = "postmaster@" + sender  # RFC 7208 4.3: a bare domain means postmaster@
+    # RFC 8616 s3: an SMTPUTF8 MAIL FROM or HELO domain is looked up (and aligned) as A-labels.
+    if sender and not sender.isascii():
+        local, _, domain = sender.rpartition("@")
+        sender = f"{local}@{canonical_domain_or_none(domain) or domain}"
+    if helo_name and not helo_name.isascii():
+        helo_name = canonical_domain_or_none(helo_name) or helo_name
     if not sender and not helo_name:
         return None
     query = pyspf.query(

@@ -23,7 +23,6 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from email.utils import getaddresses
 from typing import Literal
 
 import dkim
@@ -34,6 +33,8 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from . import dmarc as dmarc_mod
 from . import domainkeys as dk
+from .addresses import canonical_domain_or_none
+from .authors import author_domains, evaluate_authors
 from .dnsresolver import Resolver, TxtResult
 from .message import Message
 from .spf import SpfResult, check_spf
@@ -141,6 +142,10 @@ class VerificationReport:
     #: Sender (Sender, else From) address used for DomainKeys, if any.
     sender: str | None = None
     elapsed: float = 0.0
+    #: DMARC per author domain, strictest first (`dmarc` is the first); see dkproxy.authors.
+    dmarc_authors: list[dmarc_mod.DmarcResult] = field(default_factory=list)
+    #: Set when a From field is present but gives no author domain DMARC can evaluate.
+    author_problem: str = ""
 
     @property
     def dkim(self) -> list[SignatureResult]:
@@ -549,28 +554,8 @@ def _from_dk(base: SignatureResult, res: dk.DKResult) -> SignatureResult:
 # Message-level checks
 
 
-def from_domain(message: Message) -> tuple[str | None, str]:
-    """The RFC5322.From domain DMARC applies to, or (None, why not)."""
-    values = message.get_all("from")
-    if not values:
-        return None, "no From field"
-    if len(values) > 1:
-        return None, f"{len(values)} From fields"
-    domains = {
-        addr.rpartition("@")[2].rstrip(".").lower()
-        for _name, addr in getaddresses([values[0].decode("utf-8", "replace")])
-        if "@" in addr
-    }
-    domains.discard("")
-    if not domains:
-        return None, "no address in From"
-    if len(domains) > 1:
-        return None, "From has addresses in several domains"
-    return domains.pop(), ""
-
-
 def _first_party(sig: SignatureResult, domain: str) -> bool:
-    d = (sig.domain or "").lower()
+    d = canonical_domain_or_none(sig.domain or "") or ""
     return bool(d) and (domain == d or domain.endswith("." + d))
 
 
@@ -634,15 +619,17 @@ async def verify_message(
 
     sender = message.sender()
     report.sender = str(sender) if sender else None
-    author, author_error = from_domain(message)
+    authors, author_error, has_from = author_domains(message)
+    if has_from and not authors:
+        report.author_problem = author_error
 
     # Everything that needs DNS starts now and runs concurrently; the DMARC record is only
     # warmed here (its evaluation needs the signature results) and then read from the cache.
     key_names = sorted({p.key_name for p in pending})
     key_tasks = [asyncio.ensure_future(resolver.txt(n)) for n in key_names]
     warm: list[asyncio.Future[TxtResult]] = []
-    if settings.dmarc and author:
-        warm.append(asyncio.ensure_future(resolver.txt(f"_dmarc.{author}")))
+    if settings.dmarc:
+        warm.extend(asyncio.ensure_future(resolver.txt(f"_dmarc.{a}")) for a in authors)
     spf_task: asyncio.Future[SpfResult | None] | None = None
     if settings.spf and client_ip:
         spf_task = asyncio.ensure_future(
@@ -677,14 +664,15 @@ async def verify_message(
     if settings.domainkeys_policy and sender:
         report.dk_policy = await _dk_policy(resolver, sender.domain, report.signatures)
     if settings.dmarc:
-        report.dmarc = await _evaluate_dmarc(resolver, report, author, author_error)
+        report.dmarc_authors = await _evaluate_dmarc(resolver, report, authors, author_error)
+        report.dmarc = report.dmarc_authors[0]
     report.elapsed = time.perf_counter() - started
     return report
 
 
 async def _evaluate_dmarc(
-    resolver: Resolver, report: VerificationReport, author: str | None, author_error: str
-) -> dmarc_mod.DmarcResult:
+    resolver: Resolver, report: VerificationReport, authors: list[str], author_error: str
+) -> list[dmarc_mod.DmarcResult]:
     passes: list[dmarc_mod.AuthenticatedDomain] = []
     temporary: list[dmarc_mod.AuthenticatedDomain] = []
     for sig in report.dkim:
@@ -701,7 +689,7 @@ async def _evaluate_dmarc(
             passes.append(item)
         elif report.spf.result == "temperror":
             temporary.append(item)
-    return await dmarc_mod.evaluate(resolver, author, passes, temporary, from_error=author_error)
+    return await evaluate_authors(resolver, authors, passes, temporary, from_error=author_error)
 
 
 # --------------------------------------------------------------------------------------------
@@ -739,7 +727,23 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
       DomainKeys signature passed and one hit a temperror, or DMARC itself is temperror.
     - `settings.actions` ("method.result" -> action, see `matched_actions`); the most severe
       matching action wins.
+    With several author domains (dkproxy.authors) the verdict is the most severe of those
+    each author domain's DMARC result alone gives. Under reject_fail, a From field without
+    any author domain DMARC can evaluate is rejected (the safe result: RFC 7489 6.6.1 leaves
+    such messages out of scope).
     """
+    if len(report.dmarc_authors) > 1:
+        each = [
+            decide(replace(report, dmarc=result, dmarc_authors=[result]), settings)
+            for result in report.dmarc_authors
+        ]
+        return max(each, key=lambda d: _SEVERITY[d.action])  # first of the most severe
+    if settings.reject_fail and report.author_problem:
+        return Decision(
+            "reject",
+            f"550 5.7.1 Message rejected: DMARC cannot be applied ({report.author_problem})",
+            "dmarc-author",
+        )
     dmarc = report.dmarc
     if settings.reject_fail:
         if dmarc is not None and dmarc.result == "fail" and dmarc.policy == "reject":
