@@ -117,6 +117,9 @@ def _key_comment(sig: SignatureResult) -> str:
         parts.append(f"{sig.key_bits}-bit key")
     if sig.testing:
         parts.append("key in testing mode")
+    if sig.body_length is not None:
+        # RFC 6376 8.2: say why a good signature is not a pass.
+        parts.append(f"body beyond l={sig.body_length[0]} is not signed")
     return "; ".join(parts)
 
 

@@ -526,6 +526,9 @@ class InboundConfig(_CommonConfig):
     #: whose users this replaces, signs rsa-sha1 unless told a=rsa-sha256, and OpenDKIM and
     #: Mail::DKIM still accept it; off gives such signatures dkim=policy.
     allow_sha1: bool = True
+    #: A DKIM signature whose l= leaves body bytes unsigned passes (RFC 6376 8.2); off gives
+    #: it dkim=policy, so appended content never rides on a pass.
+    allow_body_length: bool = False
     #: "method.result" -> action, e.g. {"dkim.temperror": "tempfail", "dmarc.reject": "reject"};
     #: results not listed are accepted.
     actions: dict[str, Action] = Field(default_factory=dict)
@@ -881,6 +884,13 @@ _OPTIONS: tuple[_Opt, ...] = (
         _IN,
         help="accept rsa-sha1 DKIM signatures, as DKIMproxy signs by default (default on; "
         "--no-allow_sha1 follows RFC 8301 strictly)",
+    ),
+    _Opt(
+        "allow_body_length",
+        "bool",
+        _IN,
+        help="let DKIM signatures with l= pass even when unsigned body content follows "
+        "(default off: dkim=policy, RFC 6376 8.2)",
     ),
     _Opt("spf", "bool", _IN, help="check SPF (default on; --no-spf turns it off)"),
     _Opt("dmarc", "bool", _IN, help="evaluate DMARC (default on; --no-dmarc turns it off)"),
@@ -1369,6 +1379,7 @@ class _TomlIn(_TomlCommon):
     max_signatures: int | None = None
     min_key_bits: int | None = None
     allow_sha1: bool | None = None
+    allow_body_length: bool | None = None
     spf: bool | None = None
     dmarc: bool | None = None
     actions: dict[str, Any] = Field(default_factory=dict)
@@ -1539,6 +1550,7 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
         put("max_signatures", doc.max_signatures, "max_signatures")
         put("min_key_bits", doc.min_key_bits, "min_key_bits")
         put("allow_sha1", doc.allow_sha1, "allow_sha1")
+        put("allow_body_length", doc.allow_body_length, "allow_body_length")
         put("spf", doc.spf, "spf")
         put("dmarc", doc.dmarc, "dmarc")
         acc.set("actions", _flatten_actions(path, doc.actions), where("actions"))
@@ -1601,7 +1613,9 @@ def normalise_pattern(pattern: str) -> str:
     if "@" in text:
         local, _, domain = text.rpartition("@")
         domain = _alabels_or_same(domain)
-        if not local or not is_safe_local_part(local) or not is_domain(domain):
+        # RFC 6532 local parts (UTF-8) may be matched too; a pattern is never put in a tag.
+        utf8_local = not local.isascii() and local.isprintable() and " " not in local
+        if not (is_safe_local_part(local) or utf8_local) or not is_domain(domain):
             raise ValueError(f"{pattern!r} is not a valid address pattern")
         return f"{local}@{domain}"
     bare = text[1:] if text.startswith(".") else text
@@ -1893,7 +1907,8 @@ def help_text(mode: Mode) -> str:
         ),
         (
             "verifying",
-            "reject_fail dns_server dns_timeout max_signatures min_key_bits allow_sha1 spf dmarc",
+            "reject_fail dns_server dns_timeout max_signatures min_key_bits allow_sha1 "
+            "allow_body_length spf dmarc",
         ),
         (
             "daemon",

@@ -35,6 +35,7 @@ class InboundVerifier:
             max_signatures=cfg.max_signatures,
             min_key_bits=cfg.min_key_bits,
             allow_sha1=cfg.allow_sha1,
+            allow_body_length=cfg.allow_body_length,
             spf=cfg.spf,
             dmarc=cfg.dmarc,
             reject_fail=cfg.reject_fail,

@@ -35,6 +35,7 @@ from . import dmarc as dmarc_mod
 from . import domainkeys as dk
 from .addresses import canonical_domain_or_none
 from .authors import author_domains, evaluate_authors
+from .bodylength import uncovered_body
 from .dnsresolver import Resolver, TxtResult
 from .message import Message
 from .spf import SpfResult, check_spf
@@ -74,6 +75,9 @@ class VerifySettings:
     #: RFC 8301: rsa-sha1 DKIM signatures must not be considered valid. The library default
     #: follows it; the proxy's configuration (allow_sha1) decides, see config.InboundConfig.
     allow_sha1: bool = False
+    #: Let a signature pass although its l= leaves canonical body bytes unsigned (RFC 6376
+    #: 8.2); off (the default) gives it dkim=policy, see dkproxy.bodylength.
+    allow_body_length: bool = False
     #: Several TXT records at one selector: try at most this many (RFC 6376 3.6.2.2).
     max_key_records: int = 3
     spf_timeout: float = 20.0
@@ -107,6 +111,8 @@ class SignatureResult:
     testing: bool = False
     #: DomainKeys only: the legacy DomainKey-Status word.
     dk_status: str | None = None
+    #: DKIM only: (l=, canonical body length) when l= leaves body bytes unsigned.
+    body_length: tuple[int, int] | None = None
 
 
 def overall_result(signatures: list[SignatureResult]) -> SigValue:
@@ -487,6 +493,15 @@ def _verify_dkim_record(
         )
     if tags[b"a"].lower() == b"rsa-sha1" and not settings.allow_sha1:
         return _finish(base, "policy", "rsa-sha1 signatures are not accepted (RFC 8301)")
+    uncovered = uncovered_body(message.body_bytes(), tags)
+    if uncovered is not None and not settings.allow_body_length:
+        limit, length = uncovered
+        return _replace(
+            base,
+            result="policy",
+            reason=f"l={limit} leaves {length - limit} of {length} body bytes unsigned",
+            body_length=uncovered,
+        )
     return _finish(base, "pass", "good signature" + (" (key in testing mode)" if testing else ""))
 
 

@@ -620,3 +620,44 @@ def test_shipped_examples_parse(tmp_path: Path, name: str, mode: str) -> None:
         assert any(r.match.startswith("list-id:") for r in cfg.rules)
     if isinstance(cfg, InboundConfig):
         assert cfg.hostname == "mx.example.org"
+
+
+def test_u_labels_in_toml_and_dkimproxy_config_are_stored_as_a_labels(tmp_path: Path) -> None:
+    """`domain`, d= and [[sign]] patterns accept U-labels and A-labels alike (RFC 8616): one
+    canonical form, so every comparison with a sender's domain meets."""
+    toml = write(
+        tmp_path / "out.toml",
+        'mode = "out"\nlisten = "127.0.0.1:1"\nrelay = "127.0.0.1:2"\n'
+        '[defaults]\nkey = "/k"\nselector = "s"\n'
+        '[[sign]]\nmatch = ["bücher.example", "jörg@EXÄMPLE.org", ".straße.de",'
+        ' "list-id:news.bücher.example", "xn--bcher-kva.test"]\n'
+        '  [[sign.signature]]\n  type = "dkim"\n  domain = "BÜCHER.example"\n',
+    )
+    cfg = load_config_file(toml)
+    assert isinstance(cfg, OutboundConfig)
+    assert [r.match for r in cfg.rules] == [
+        "xn--bcher-kva.example",
+        "jörg@xn--exmple-cua.org",
+        ".xn--strae-oqa.de",
+        "list-id:news.xn--bcher-kva.example",
+        "xn--bcher-kva.test",
+    ]
+    assert {s.domain for r in cfg.rules for s in r.signatures} == {"xn--bcher-kva.example"}
+    legacy = write(tmp_path / "out.conf", "keyfile /k\nselector s\ndomain exämple.org,Example.COM\n"
+                   "signature dkim(d=bücher.example)\n")  # fmt: skip
+    cfg = load_config_file(legacy)
+    assert isinstance(cfg, OutboundConfig)
+    assert cfg.domains == ["xn--exmple-cua.org", "example.com"]
+    assert cfg.signatures[0].domain == "xn--bcher-kva.example"
+    bad = write(tmp_path / "bad.conf", "keyfile /k\nselector s\ndomain ex_ä.org\n")
+    with pytest.raises(ConfigError) as info:
+        load_config_file(bad)
+    assert info.value.line == 3 and "ex_ä.org" in info.value.message
+
+
+def test_allow_body_length_option(tmp_path: Path) -> None:
+    path = write(tmp_path / "in.toml", 'mode = "in"\nallow_body_length = true\n')
+    cfg = load_config_file(path)
+    assert isinstance(cfg, InboundConfig) and cfg.allow_body_length is True
+    conf = load_config_file(write(tmp_path / "in.conf", "reject_fail 1\n"))
+    assert isinstance(conf, InboundConfig) and conf.allow_body_length is False
