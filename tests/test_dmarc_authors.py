@@ -203,3 +203,24 @@ def test_author_domains_of_each_shape() -> None:
     assert domains('From: "a@x.test" <b@y.test>') == ["y.test"]
     assert domains("From: jörg@EXÄMPLE.org") == [IDN]
     assert author_domains(Message(b"To: a@b.test\r\n\r\n")) == ([], "no From field", False)
+
+
+def test_decide_takes_the_most_severe_verdict_of_any_author_domain() -> None:
+    from dkproxy.dmarc import DmarcResult
+    from dkproxy.verifier import VerificationReport, VerifySettings, decide
+
+    reject = DmarcResult("fail", VICTIM, policy="reject", reason="no aligned DKIM or SPF pass")
+    weak = DmarcResult("fail", ATTACKER, policy="none", reason="no aligned DKIM or SPF pass")
+    unsure = DmarcResult("temperror", "dns-trouble.test", reason="DNS timeout")
+    passed = DmarcResult("pass", ATTACKER, policy="none")
+
+    def verdict(results: list[DmarcResult], **settings: object) -> str:
+        report = VerificationReport(dmarc=results[0], dmarc_authors=results)
+        return decide(report, VerifySettings(authserv_id="mx.test", **settings)).action  # type: ignore[arg-type]
+
+    assert verdict([reject, passed], reject_fail=True) == "reject"
+    assert verdict([passed, reject], reject_fail=True) == "reject"
+    # A failing p=none domain of the sender's own does not hide another domain's temperror.
+    assert verdict([weak, unsure], reject_error=True) == "tempfail"
+    assert verdict([unsure, weak], actions={"dmarc.fail": "reject"}) == "reject"
+    assert verdict([passed, weak], reject_fail=True) == "accept"
