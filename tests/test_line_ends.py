@@ -178,3 +178,50 @@ def test_signatures_survive_postfix_for_every_line_end_form(
     for data in delivered:
         results = verify_dkimpy(data, dns_server)
         assert [r.result for r in results] == ["pass", "pass"], results
+
+
+#: Author forms Postfix's cleanup "completes" in header fields from a local client unless the
+#: reinjection service sets local_header_rewrite_clients= (as conf/postfix-master-*.cf do).
+HEADER_FORMS = {
+    "route": "<@relay.example:john@example.org>",
+    "bare-local-part": "john",
+    "trailing-dot": "john@example.org.",
+    "obsolete-spacing": "john . doe @ example . org",
+    "quoted-local-part": '"John Doe" <"john doe"@example.org>',
+    "utf8": "Jörg <jörg@exämple.org>",
+}
+
+
+def test_header_fields_arrive_as_signed_through_postfix(
+    chain: tuple[PostfixInstance, ProxyProcess, CaptureServer], dns_server: DNSServer
+) -> None:
+    """Sent straight to `dkproxy out` (so Postfix sees dkproxy, a local client): the
+    reinjection must neither rewrite header addresses nor add Message-ID/Date after signing."""
+    _mta, proxy, capture = chain
+    before = len(capture.messages)
+    sent: dict[str, bytes] = {}
+    for name, author in HEADER_FORMS.items():
+        sent[name] = (
+            f"From: {author}\r\nSender: {author}\r\nTo: {author}\r\nSubject: hdr-{name}\r\n"
+            f"Message-ID: <{name}@example.org>\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n"
+            "\r\nbody\r\n"
+        ).encode()
+    sent["no-message-id-or-date"] = b"From: a@example.org\r\nSubject: hdr-bare\r\n\r\nbody\r\n"
+    with RawClient("127.0.0.1", proxy.port) as client:
+        assert client.reply()[0] == 220
+        assert client.command("EHLO client.example.org")[0] == 250
+        for data in sent.values():
+            assert client.command("MAIL FROM:<a@example.org> SMTPUTF8")[0] == 250
+            assert client.command("RCPT TO:<bob@example.net>")[0] == 250
+            assert client.command("DATA")[0] == 354
+            client.send(data + b".\r\n")
+            assert client.reply()[0] == 250
+    arrived = [m.data for m in capture.wait_for(before + len(sent), timeout=60)[before:]]
+    for data in sent.values():
+        assert any(got.endswith(data) for got in arrived), data[:80]
+    for results in verify_mail_dkim_many(arrived, dns_server):
+        assert [(r.kind, r.result) for r in results if r.kind == "dkim"] == [("dkim", "pass")] * 2
+    for results in verify_go_msgauth(arrived, dns_server):
+        assert [r.result for r in results] == ["pass", "pass"], results
+    for data in arrived:
+        assert [r.result for r in verify_dkimpy(data, dns_server)] == ["pass", "pass"]
