@@ -577,6 +577,17 @@ def test_macros_fill_sender_values(macro_policy: SigningPolicy) -> None:
     assert (spec.domain, spec.identity) == ("domain1.example", "jlong@domain1.example")
 
 
+def test_macros_take_the_a_label_domain_of_a_utf8_sender(macro_policy: SigningPolicy) -> None:
+    sender = msg("From: Jörg <jörg@EXÄMPLE.org>").sender()
+    assert sender == Address("jörg", "xn--exmple-cua.org")
+    selection = macro_policy.select(sender, None)
+    # d= is the A-label; i= cannot carry the UTF-8 local part, so that signature is skipped.
+    assert selection.specs == ()
+    assert "has characters a DKIM tag cannot carry" in (selection.reason or "")
+    (spec,) = macro_policy.select(msg("From: anna@exämple.org").sender(), None).specs
+    assert (spec.domain, spec.identity) == ("xn--exmple-cua.org", "anna@xn--exmple-cua.org")
+
+
 @pytest.mark.parametrize(
     "sender",
     [
