@@ -434,9 +434,17 @@ def _check_key_tags(key: dict[bytes, bytes], sig: dict[bytes, bytes]) -> str | N
     flags = {f.strip().lower() for f in key.get(b"t", b"").split(b":")}
     if b"s" in flags:
         identity = sig.get(b"i", b"@" + sig[b"d"])
-        if identity.rpartition(b"@")[2].lower() != sig[b"d"].lower():
+        if not _same_domain(identity.rpartition(b"@")[2], sig[b"d"]):
             return "key forbids subdomain identities (t=s)"
     return None
+
+
+def _same_domain(a: bytes, b: bytes) -> bool:
+    """Domain names from tags compared as A-labels (RFC 8616), e.g. i= against d=."""
+    first, second = a.decode("utf-8", "replace"), b.decode("utf-8", "replace")
+    return (canonical_domain_or_none(first) or first.lower()) == (
+        canonical_domain_or_none(second) or second.lower()
+    )
 
 
 def _verify_dkim_record(
