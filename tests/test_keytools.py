@@ -796,3 +796,36 @@ def base64_lines(raw: bytes) -> bytes:
     import base64
 
     return base64.encodebytes(raw)
+
+
+def test_ed25519_key_forms_load(tmp_path: Path) -> None:
+    """RFC 8463 keys: PKCS#8 PEM (openssl genpkey), its base64 body, dkimpy's base64 seed;
+    LF or CRLF."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    seed = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    body = b"".join(line + b"\r\n" for line in pem.splitlines() if b"-----" not in line)
+    forms = {
+        "pem": pem,
+        "pem-crlf": pem.replace(b"\n", b"\r\n"),
+        "bare-pkcs8-crlf": body,
+        "seed": base64.b64encode(seed) + b"\n",
+        "seed-crlf": base64.b64encode(seed) + b"\r\n",
+    }
+    expected = base64.b64encode(
+        key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ).decode()
+    for name, data in forms.items():
+        path = tmp_path / f"{name}.key"
+        path.write_bytes(data)
+        loaded = load_signing_key(str(path))
+        assert (loaded.kind, loaded.public_p) == ("ed25519", expected), name
