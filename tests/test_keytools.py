@@ -829,3 +829,20 @@ def test_ed25519_key_forms_load(tmp_path: Path) -> None:
         path.write_bytes(data)
         loaded = load_signing_key(str(path))
         assert (loaded.kind, loaded.public_p) == ("ed25519", expected), name
+
+
+def test_dkproxy_out_refuses_to_start_naming_the_key_file_and_its_form(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    path = tmp_path / "dkim.pub"
+    path.write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    proc = run_dkproxy("out", f"--keyfile={path}", "--selector=s", "--domain=example.org",
+                       "127.0.0.1:1", "127.0.0.1:2", timeout=30)  # fmt: skip
+    assert proc.returncode != 0
+    assert str(path) in proc.stderr and "found a PEM 'PUBLIC KEY' block" in proc.stderr
