@@ -12,6 +12,7 @@ rule and an A-label sender (or the reverse) meet.
 from __future__ import annotations
 
 import email.headerregistry
+import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
@@ -114,6 +115,30 @@ def _add(found: Mailboxes, seen: set[tuple[str, str]], local: str, domain: str) 
         found.addresses.append(Address(local, canonical))
 
 
+#: What needs the full RFC 5322 parser: quoted strings, comments, groups, routes, literals,
+#: escapes and non-ASCII text. Without any of them both parsers read the field alike.
+_NEEDS_FULL_PARSER = frozenset('"()\\:;[]')
+_PLAIN_ADDR_SPEC = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
+def _simple_mailboxes(value: str) -> list[tuple[str, str]] | None:
+    """(local, domain) pairs of a field of plain ASCII mailboxes (`a@x.example`,
+    `Name <a@x.example>`, comma-separated), or None when the field needs the full parser.
+
+    A fast path only: the usual From costs about a tenth of the header parser's time, and the
+    answer is what `getaddresses`, which `parse_mailboxes` consults anyway, gives for it.
+    """
+    if not value.isascii() or not _NEEDS_FULL_PARSER.isdisjoint(value):
+        return None
+    pairs = []
+    for _display, addr in getaddresses([value]):
+        if not _PLAIN_ADDR_SPEC.fullmatch(addr):
+            return None
+        local, _, domain = addr.rpartition("@")
+        pairs.append((local, domain))
+    return pairs or None
+
+
 def parse_mailboxes(value: str) -> Mailboxes:
     """Every mailbox of an address-list field value (RFC 5322 3.4, RFC 6532), in order.
 
@@ -124,6 +149,11 @@ def parse_mailboxes(value: str) -> Mailboxes:
     """
     found = Mailboxes()
     seen: set[tuple[str, str]] = set()
+    simple = _simple_mailboxes(value)
+    if simple is not None:
+        for local, domain in simple:
+            _add(found, seen, local, domain)
+        return found
     try:
         header = _REGISTRY("from", value)
         parsed = [(a.addr_spec, a.domain) for a in header.addresses]
