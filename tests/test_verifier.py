@@ -254,13 +254,19 @@ def test_tampered_signed_header_and_added_from_fail(clean_dns: DNSServer, key_di
     assert only(verify(added, clean_dns)).result == "fail"
 
 
-def test_l_tag_allows_appended_body(clean_dns: DNSServer, key_dir: KeySet) -> None:
+def test_l_tag_with_appended_body_is_policy_unless_allowed(
+    clean_dns: DNSServer, key_dir: KeySet
+) -> None:
     domain = "length.test"
     key_dir.rsa2048.publish(clean_dns, domain)
     signed = dkimpy_sign(make_message(domain), key_dir.rsa2048, domain, length=True)
     assert b" l=" in signed.split(b"\r\n\r\n")[0]
+    assert only(verify(signed, clean_dns)).result == "pass"  # l= covers the whole body
     appended = signed + b"-- \r\nmailing list footer\r\n"
-    assert only(verify(appended, clean_dns)).result == "pass"
+    sig = only(verify(appended, clean_dns))
+    assert sig.result == "policy" and sig.body_length is not None  # RFC 6376 8.2
+    assert sig.body_length[1] - sig.body_length[0] == len(b"-- \r\nmailing list footer\r\n")
+    assert only(verify(appended, clean_dns, allow_body_length=True)).result == "pass"
 
 
 def test_unsigned_message_is_dkim_none(clean_dns: DNSServer) -> None:
