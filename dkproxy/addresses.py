@@ -93,6 +93,17 @@ def _shown(text: str) -> str:
     return repr(text if len(text) <= 60 else text[:57] + "...")
 
 
+def _getaddresses(value: str) -> list[tuple[str, str]]:
+    """`email.utils.getaddresses` in its lenient reading on every Python: since 3.13 (and
+    security releases of 3.11/3.12) it returns nothing for fields it finds ambiguous, such as
+    `a@x.example <b@y.example>`, unless told strict=False; the lenient split is the one that
+    shows every domain a reader might take for the author."""
+    try:
+        return getaddresses([value], strict=False)  # type: ignore[call-arg]
+    except TypeError:  # an older Python: always lenient
+        return getaddresses([value])
+
+
 def _add(found: Mailboxes, seen: set[tuple[str, str]], local: str, domain: str) -> None:
     shown = _shown(f"{local}@{domain}" if domain else local)
     if not local:
@@ -131,7 +142,7 @@ def _simple_mailboxes(value: str) -> list[tuple[str, str]] | None:
     if not value.isascii() or not _NEEDS_FULL_PARSER.isdisjoint(value):
         return None
     pairs = []
-    for _display, addr in getaddresses([value]):
+    for _display, addr in _getaddresses(value):
         if not _PLAIN_ADDR_SPEC.fullmatch(addr):
             return None
         local, _, domain = addr.rpartition("@")
@@ -165,7 +176,7 @@ def parse_mailboxes(value: str) -> Mailboxes:
         local = addr_spec.rpartition("@")[0] if domain else addr_spec
         _add(found, seen, local, domain)
     first_said = bool(found.addresses or found.problems)
-    for _display, addr in getaddresses([value]):
+    for _display, addr in _getaddresses(value):
         addr = addr.strip()
         if not addr:
             continue

@@ -91,6 +91,7 @@ def signed_by(data: bytes, key_dir: KeySet, domain: str) -> bytes:
         ("two-fields", [f"From: alice@{VICTIM}", f"From: mallory@{ATTACKER}"]),
         ("two-fields-attacker-first", [f"From: mallory@{ATTACKER}", f"From: alice@{VICTIM}"]),
         ("parser-split", [f"From: alice@{VICTIM} <mallory@{ATTACKER}>"]),
+        ("parser-split-reversed", [f"From: mallory@{ATTACKER} <alice@{VICTIM}>"]),
         ("group", [f"From: Accounts: mallory@{ATTACKER}, alice@{VICTIM};"]),
         ("upper-case-victim", [f"From: mallory@{ATTACKER}, Alice <alice@VICTIM.test>"]),
         ("obsolete-form", [f"From: mallory@{ATTACKER}, alice . x @ victim . test"]),
