@@ -643,7 +643,7 @@ async def verify_message(
     sender = message.sender()
     report.sender = str(sender) if sender else None
     authors, author_error, has_from = author_domains(message)
-    if has_from and not authors:
+    if settings.dmarc and has_from and not authors:
         report.author_problem = author_error
 
     # Everything that needs DNS starts now and runs concurrently; the DMARC record is only
