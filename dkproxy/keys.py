@@ -81,8 +81,8 @@ def _parse_private_key(path: str, data: bytes) -> PrivateKey:
     8463). LF or CRLF line ends.
     """
     text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").strip()
-    if text.startswith(b"-----BEGIN"):
-        return _parse_pem(path, text)
+    if b"-----BEGIN " in text:
+        return _parse_pem(path, _pem_block(text))
     compact = b"".join(text.split())
     try:
         raw = base64.b64decode(compact, validate=True)
@@ -101,6 +101,16 @@ def _parse_private_key(path: str, data: bytes) -> PrivateKey:
             found = "a base64 public key (the private key is needed for signing)"
         raise KeyLoadError(path, f"found {found}; expected {_FORMATS}") from None
     return _checked_type(path, key)
+
+
+def _pem_block(text: bytes) -> bytes:
+    """From the first private-key PEM block on, else from the first block: like OpenSSL's
+    PEM_read_bio_PrivateKey (OpenDKIM), skip text before it (`Bag Attributes` from a PKCS#12
+    export) and blocks of other kinds (a certificate kept in the same file)."""
+    labels = (*_PEM_PRIVATE, b"ENCRYPTED PRIVATE KEY")
+    starts = [text.find(b"-----BEGIN " + label + b"-----") for label in labels]
+    found = [start for start in starts if start >= 0]
+    return text[min(found) if found else text.find(b"-----BEGIN ") :]
 
 
 def _parse_pem(path: str, text: bytes) -> PrivateKey:

@@ -713,6 +713,11 @@ def _key_forms(pem_path: str) -> dict[str, bytes]:
         "bare-pkcs8": body(pkcs8),
         "bare-pkcs1-one-line": b"".join(body(pkcs1).split()),
         "bare-pkcs8-crlf": body(pkcs8).replace(b"\n", b"\r\n"),
+        # OpenSSL (OpenDKIM) skips text and other PEM blocks before the private key.
+        "pkcs12-export": b"Bag Attributes\n    localKeyID: 01 00 00 00\nKey Attributes: <No"
+        b" Attributes>\n" + pkcs8,
+        "certificate-first": b"-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n"
+        + pkcs1,
     }
 
 
