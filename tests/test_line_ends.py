@@ -12,6 +12,7 @@ go-msgauth and dkimpy.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -225,3 +226,43 @@ def test_header_fields_arrive_as_signed_through_postfix(
         assert [r.result for r in results] == ["pass", "pass"], results
     for data in arrived:
         assert [r.result for r in verify_dkimpy(data, dns_server)] == ["pass", "pass"]
+
+
+def test_line_end_forms_in_the_header_block_survive_postfix(
+    chain: tuple[PostfixInstance, ProxyProcess, CaptureServer], dns_server: DNSServer
+) -> None:
+    """Bare CR in a field, a line starting with CR (Postfix makes it a folded line), CR CR LF
+    ending a field or the header block, a bare LF between fields."""
+    _mta, proxy, capture = chain
+    heads = [
+        b"Subject: hdr\rmid\r\n",
+        b"Subject: fold\r\n\rcontinued\r\n",
+        b"Subject: crcrlf\r\r\n",
+        b"Subject: bare-lf\nX-Next: field\r\n",
+        b"Subject: end-of-header\r\n\r\r\n",
+    ]
+    before = len(capture.messages)
+    for head in heads:
+        data = b"From: alice@example.org\r\nTo: bob@example.net\r\n" + head
+        data += b"Message-ID: <h@example.org>\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n"
+        if not head.endswith(b"\r\n\r\r\n"):  # else the header block has ended already
+            data += b"\r\n"
+        with RawClient("127.0.0.1", proxy.port) as client:
+            client.reply()
+            client.command("EHLO client.example.org")
+            client.command("MAIL FROM:<alice@example.org>")
+            client.command("RCPT TO:<bob@example.net>")
+            assert client.command("DATA")[0] == 354
+            client.send(data + b"body\r\n.\r\n")
+            assert client.reply()[0] == 250
+    arrived = [m.data for m in capture.wait_for(before + len(heads), timeout=60)[before:]]
+    subjects = sorted(re.search(rb"Subject: (.*)\r\n", d).group(1) for d in arrived)  # type: ignore[union-attr]
+    assert subjects == sorted([b"hdr mid", b"fold", b"crcrlf", b"bare-lf", b"end-of-header"])
+    for results in verify_mail_dkim_many(arrived, dns_server):
+        assert sorted((r.kind, r.result) for r in results) == [
+            ("dkim", "pass"),
+            ("dkim", "pass"),
+            ("domainkeys", "pass"),
+        ], results
+    for results in verify_go_msgauth(arrived, dns_server):
+        assert [r.result for r in results] == ["pass", "pass"], results
