@@ -96,9 +96,10 @@ def test_unsigned_reason_says_what_was_wrong_with_the_from() -> None:
 # through dkproxy out
 
 
-def _message(sender: str, subject: str) -> bytes:
+def _message(sender: str, subject: str, *extra: str) -> bytes:
+    more = "".join(f"{line}\r\n" for line in extra)
     return (
-        f"From: {sender}\r\nTo: bob@example.net\r\nSubject: {subject}\r\n"
+        f"From: {sender}\r\nTo: bob@example.net\r\nSubject: {subject}\r\n{more}"
         f"Message-ID: <{subject}@addresses.test>\r\nDate: Mon, 30 Nov 2026 10:00:00 +0000\r\n"
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
         "\r\nHällo Bob.\r\n"
@@ -119,6 +120,12 @@ def test_out_signs_every_mailbox_form_with_the_a_label_domain(
         "exämple.org     dkim(c=relaxed)\n",
         encoding="utf-8",
     )
+    # A listid_map key in U-labels matches a List-Id in either form (d= the id minus a label).
+    (tmp_path / "listid_map").write_text("news.bücher.example  dkim(c=relaxed)\n", "utf-8")
+    lists = {
+        "list-a-label": f"List-Id: News <news.{BUECHER}>",
+        "list-u-label": "List-Id: Bücher-News <news.BÜCHER.example>",
+    }
     messages = {
         "quoted": ('"John Doe" <"john doe"@example.com>', "example.com"),
         "comment": ("john(the boss)@example.com", "example.com"),
@@ -129,17 +136,21 @@ def test_out_signs_every_mailbox_form_with_the_a_label_domain(
         "a-label-sender-u-label-rule": (f"Bob <bob@{BUECHER}>", BUECHER),
         "u-label-sender-u-label-rule": ("Bob <bob@bücher.example>", BUECHER),
         "literal": ("john@[192.0.2.1]", None),
+        "list-a-label": ("x@elsewhere.example", BUECHER),
+        "list-u-label": ("x@elsewhere.example", BUECHER),
     }
     with CaptureServer() as sink:
         args = [f"--keyfile={key}", "--selector=addr", "--domain=example.org",
-                f"--sender_map={tmp_path / 'sender_map'}"]  # fmt: skip
+                f"--sender_map={tmp_path / 'sender_map'}",
+                f"--listid_map={tmp_path / 'listid_map'}"]  # fmt: skip
         with ProxyProcess("out", args, sink.address) as proxy:
             with smtplib.SMTP(proxy.host, proxy.port, timeout=30) as client:
                 for subject, (sender, _) in messages.items():
+                    extra = [lists[subject]] if subject in lists else []
                     client.sendmail(
                         "jörg@exämple.org",
                         ["bob@example.net"],
-                        _message(sender, subject),
+                        _message(sender, subject, *extra),
                         mail_options=["SMTPUTF8", "BODY=8BITMIME"],
                     )
             arrived = {
