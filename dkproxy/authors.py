@@ -46,9 +46,9 @@ def author_domains(message: Message) -> tuple[list[str], str, bool]:
     return domains, "; ".join(notes), True
 
 
-#: Most severe first. A fail under p=reject or p=quarantine outranks a temperror (which might
-#: hide either); a temperror outranks a fail under p=none.
 def _strictness(result: dmarc_mod.DmarcResult) -> int:
+    """Sort key, most severe first: a fail under p=reject or p=quarantine outranks a
+    temperror (which might hide either); a temperror outranks a fail under p=none."""
     if result.result == "fail":
         return {"reject": 0, "quarantine": 1}.get(result.policy or "none", 3)
     return {"temperror": 2, "permerror": 4, "none": 5, "pass": 6}[result.result]
