@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from . import arc as arc_mod
 from . import dmarc as dmarc_mod
 from . import domainkeys as dk
 from .dnsresolver import Resolver, TxtResult
@@ -79,6 +80,10 @@ class VerifySettings:
     reject_fail: bool = False
     reject_error: bool = False
     actions: Mapping[str, Action] = field(default_factory=dict)
+    #: Verify ARC chains (RFC 8617) in the same pass.
+    arc: bool = True
+    #: ARC sealers whose passing chain may override a DMARC failure (see arc.trusted_override).
+    arc_trusted_sealers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -138,8 +143,13 @@ class VerificationReport:
     spf: SpfResult | None = None
     dmarc: dmarc_mod.DmarcResult | None = None
     dk_policy: DKPolicyResult | None = None
+    arc: arc_mod.ArcResult | None = None
+    #: Evidence when a trusted ARC sealer overrides a DMARC failure (RFC 7489 local_policy).
+    dmarc_override: str = ""
     #: Sender (Sender, else From) address used for DomainKeys, if any.
     sender: str | None = None
+    #: The SMTP client's address (XFORWARD ADDR, else the peer), for smtp.remote-ip.
+    client_ip: str | None = None
     elapsed: float = 0.0
 
     @property
@@ -169,6 +179,8 @@ class VerificationReport:
             results["spf"] = self.spf.result
         if self.dmarc is not None:
             results["dmarc"] = self.dmarc.result
+        if self.arc is not None:
+            results["arc"] = self.arc.result
         return results
 
     def summary(self) -> str:
@@ -189,6 +201,10 @@ class VerificationReport:
             parts.append(f"dmarc={self.dmarc.result}/{self.dmarc.from_domain or '-'}")
         if self.dk_policy is not None and self.dk_policy.verdict == "reject":
             parts.append(f"dk-policy=reject/{self.dk_policy.domain}")
+        if self.arc is not None:
+            parts.append(self.arc.summary())
+        if self.dmarc_override:
+            parts.append("dmarc-override=arc")
         return " ".join(parts) + f" ({self.elapsed * 1000:.1f} ms)"
 
 
@@ -601,7 +617,7 @@ async def verify_message(
 ) -> VerificationReport:
     """Check every signature (up to the cap), SPF and DMARC; never raises for bad input."""
     started = time.perf_counter()
-    report = VerificationReport()
+    report = VerificationReport(client_ip=client_ip)
     results: dict[int, SignatureResult] = {}
     pending: list[_Pending] = []
     dkim_position = 0
@@ -643,6 +659,9 @@ async def verify_message(
     warm: list[asyncio.Future[TxtResult]] = []
     if settings.dmarc and author:
         warm.append(asyncio.ensure_future(resolver.txt(f"_dmarc.{author}")))
+    arc_task: asyncio.Future[arc_mod.ArcResult] | None = None
+    if settings.arc:
+        arc_task = asyncio.ensure_future(arc_mod.verify(message, resolver, settings.min_key_bits))
     spf_task: asyncio.Future[SpfResult | None] | None = None
     if settings.spf and client_ip:
         spf_task = asyncio.ensure_future(
@@ -668,9 +687,11 @@ async def verify_message(
         report.signatures = [results[i] for i in sorted(results)]
         if spf_task is not None:
             report.spf = await spf_task
+        if arc_task is not None:
+            report.arc = await arc_task
         await asyncio.gather(*warm)
     except BaseException:
-        for task in [*key_tasks, *warm, *([spf_task] if spf_task else [])]:
+        for task in [*key_tasks, *warm, *(t for t in (spf_task, arc_task) if t is not None)]:
             task.cancel()
         raise
 
@@ -678,6 +699,10 @@ async def verify_message(
         report.dk_policy = await _dk_policy(resolver, sender.domain, report.signatures)
     if settings.dmarc:
         report.dmarc = await _evaluate_dmarc(resolver, report, author, author_error)
+        if report.dmarc.result == "fail" and report.arc is not None:
+            report.dmarc_override = arc_mod.trusted_override(
+                report.arc, settings.arc_trusted_sealers, author
+            )
     report.elapsed = time.perf_counter() - started
     return report
 
@@ -722,8 +747,15 @@ def matched_actions(
     or sp= for a subdomain) is reject / quarantine; "dmarc.fail" applies to any DMARC fail.
     """
     keys = [f"{method}.{result}" for method, result in report.method_results().items()]
+    if report.dmarc_override:  # a trusted ARC sealer vouched for the author domain
+        keys.remove("dmarc.fail")
     dmarc = report.dmarc
-    if dmarc is not None and dmarc.result == "fail" and dmarc.policy in ("quarantine", "reject"):
+    if (
+        dmarc is not None
+        and dmarc.result == "fail"
+        and dmarc.policy in ("quarantine", "reject")
+        and not report.dmarc_override
+    ):
         keys.append(f"dmarc.{dmarc.policy}")
     return [(key, settings.actions[key]) for key in keys if key in settings.actions]
 
@@ -742,7 +774,12 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
     """
     dmarc = report.dmarc
     if settings.reject_fail:
-        if dmarc is not None and dmarc.result == "fail" and dmarc.policy == "reject":
+        if (
+            dmarc is not None
+            and dmarc.result == "fail"
+            and dmarc.policy == "reject"
+            and not report.dmarc_override
+        ):
             return Decision(
                 "reject",
                 f"550 5.7.1 Message rejected: DMARC policy of {dmarc.from_domain} "

@@ -1,0 +1,627 @@
+"""ARC (RFC 8617): verifying the Authenticated Received Chain and sealing the next instance.
+
+Verification follows RFC 8617 section 5.2, split like the DKIM verifier so DNS never blocks
+the event loop: `collect` reads the ARC header fields without the network and ends a chain
+that is malformed (gaps, duplicates, more than 50 instances, newest cv=fail) before any key is
+fetched; the keys of every seal and message signature are then looked up concurrently through
+the shared caching resolver; `evaluate` checks the signatures with the fetched records.
+Canonicalization and header selection are dkimpy's; the RSA checks are OpenSSL's (through
+`cryptography`), and each body canonicalization is hashed once per message however many
+ARC-Message-Signatures there are, which bounds the work a hostile chain can cause.
+
+Sealing (RFC 8617 section 5.1) computes the hashes the same way and signs the digest with
+OpenSSL, as `dkim_signer` does: dkimpy's `arc_sign` would do the RSA in pure Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import authres
+import dkim
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from dkim import RE_BTAG, hash_headers
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from . import dmarc as dmarc_mod
+from .config import ArcSealConfig, ConfigError
+from .dkim_signer import DEFAULT_SIGNED_HEADERS, body_hash
+from .dnsresolver import Resolver, TxtResult
+from .keys import KeyLoadError, SigningKey, load_signing_key
+from .message import Message
+
+ArcValue = Literal["pass", "fail", "none"]
+
+#: RFC 8617 4.2.1: at most 50 ARC Sets; a chain with more fails without any crypto.
+MAX_INSTANCES = 50
+#: Signed header field names one ARC-Message-Signature may list before it is refused (work cap).
+MAX_SIGNED_FIELDS = 200
+
+AAR = b"arc-authentication-results"
+AMS = b"arc-message-signature"
+SEAL = b"arc-seal"
+_KINDS = {AAR: "ARC-Authentication-Results", AMS: "ARC-Message-Signature", SEAL: "ARC-Seal"}
+_AAR_INSTANCE = re.compile(rb"\s*i\s*=\s*(\d{1,6})\s*;")
+_RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+_B64_FOLD = 72
+
+
+class ArcSealError(Exception):
+    """The message cannot be sealed as configured (the reason is the message)."""
+
+
+@dataclass(frozen=True)
+class ArcResult:
+    """The verdict on a message's ARC chain (RFC 8617 5.2) and what a report needs of it.
+
+    `sealers` and `selectors` are the ARC-Seal d= and s= per instance, oldest first.
+    `oldest_pass` is RFC 8617's header.oldest-pass: 0 when every ARC-Message-Signature still
+    validates, else the lowest instance from which all newer ones do; None unless pass.
+    `instances` is the highest instance seen (what the next sealer adds one to), also for a
+    chain that failed.
+    """
+
+    result: ArcValue
+    reason: str = ""
+    instances: int = 0
+    sealers: tuple[str, ...] = ()
+    selectors: tuple[str, ...] = ()
+    oldest_pass: int | None = None
+    #: ARC-Authentication-Results values per instance (without "i=N;"), oldest first.
+    aar: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """RFC 8617 7.2.2 evidence, newest first: "as[2].d=b.example as[2].s=s1 as[1].d=..."."""
+        parts = []
+        for index in range(len(self.sealers), 0, -1):
+            parts.append(f"as[{index}].d={self.sealers[index - 1]}")
+            parts.append(f"as[{index}].s={self.selectors[index - 1]}")
+        return " ".join(parts)
+
+    def summary(self) -> str:
+        """For the per-message log line: arc=pass/2(a.example,b.example)."""
+        text = f"arc={self.result}"
+        if self.instances:
+            text += f"/{self.instances}({','.join(self.sealers) or '?'})"
+        return text
+
+
+@dataclass
+class _Set:
+    """Indexes into message.headers of one instance's three fields, and their tags."""
+
+    instance: int
+    fields: dict[bytes, int] = field(default_factory=dict)
+    seal_tags: dict[bytes, bytes] = field(default_factory=dict)
+    ams_tags: dict[bytes, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Chain:
+    """The ARC Sets of a message after the offline checks (RFC 8617 5.2 steps 1-3)."""
+
+    sets: list[_Set]
+
+    @property
+    def key_names(self) -> list[str]:
+        names = set()
+        for item in self.sets:
+            for tags in (item.seal_tags, item.ams_tags):
+                names.add(_key_name(tags))
+        return sorted(names)
+
+
+def _key_name(tags: Mapping[bytes, bytes]) -> str:
+    selector = tags[b"s"].decode("ascii")
+    domain = tags[b"d"].decode("ascii").rstrip(".")
+    return f"{selector}._domainkey.{domain}"
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
+
+def instance_of(name: bytes, value: bytes) -> tuple[int, dict[bytes, bytes]]:
+    """The i= of one ARC header field and, for AS/AMS, its tags; ValueError when unusable."""
+    if name == AAR:
+        match = _AAR_INSTANCE.match(value)
+        if match is None:
+            raise ValueError("ARC-Authentication-Results without a leading i= tag")
+        return int(match.group(1)), {}
+    try:
+        tags = parse_tag_value(value)
+    except InvalidTagValueList as exc:
+        raise ValueError(f"malformed {_KINDS[name]} ({exc.__class__.__name__})") from None
+    raw = tags.get(b"i", b"")
+    if not raw.isdigit() or len(raw) > 6:
+        raise ValueError(f"{_KINDS[name]} without a valid i= tag")
+    return int(raw), tags
+
+
+def collect(message: Message) -> Chain | ArcResult:
+    """Group the ARC fields into sets and check their structure; an ArcResult ends the chain.
+
+    No ARC field: none. Any structural fault (RFC 8617 5.2 steps 2-3): fail, naming it.
+    """
+    sets: dict[int, _Set] = {}
+    highest = 0
+    problem = ""
+    count = 0
+    for index, (raw_name, value) in enumerate(message.headers):
+        name = raw_name.rstrip(b" \t").lower()
+        if name not in _KINDS:
+            continue
+        count += 1
+        if count > 3 * MAX_INSTANCES:
+            # Work cap: a longer chain cannot be valid, so the rest is not even parsed.
+            problem = f"more than {MAX_INSTANCES} ARC sets"
+            highest = MAX_INSTANCES
+            break
+        try:
+            instance, tags = instance_of(name, value)
+        except ValueError as exc:
+            problem = problem or str(exc)
+            continue
+        if not 1 <= instance <= MAX_INSTANCES:
+            problem = problem or f"instance i={instance} outside 1..{MAX_INSTANCES} (RFC 8617)"
+            highest = max(highest, min(instance, MAX_INSTANCES))
+            continue
+        highest = max(highest, instance)
+        item = sets.setdefault(instance, _Set(instance))
+        if name in item.fields:
+            problem = problem or f"duplicate {_KINDS[name]} i={instance}"
+            continue
+        item.fields[name] = index
+        if name == SEAL:
+            item.seal_tags = tags
+        elif name == AMS:
+            item.ams_tags = tags
+    if not sets and not problem:
+        return ArcResult("none")
+    if not problem:
+        for instance in range(1, highest + 1):
+            item = sets.get(instance)
+            missing = [_KINDS[k] for k in (AAR, AMS, SEAL) if item is None or k not in item.fields]
+            if missing:
+                problem = f"missing {', '.join(missing)} i={instance}"
+                break
+    if problem:
+        return ArcResult("fail", problem, instances=highest)
+    ordered = [sets[i] for i in range(1, highest + 1)]
+    problem = _check_tags(ordered)
+    if problem:
+        return _failed(ordered, problem)
+    return Chain(ordered)
+
+
+def _check_tags(sets: list[_Set]) -> str:
+    """RFC 8617 5.2 steps 2-3 and the tag rules of 4.1: the first problem, or ""."""
+    newest = sets[-1]
+    if newest.seal_tags.get(b"cv", b"").lower() == b"fail":
+        # A sealer already found the chain broken: it stays failed (RFC 8617 5.2 step 2).
+        return f"ARC-Seal i={newest.instance} says cv=fail"
+    for item in sets:
+        seal, ams = item.seal_tags, item.ams_tags
+        try:
+            dkim.validate_signature_fields(seal, [b"i", b"a", b"b", b"cv", b"d", b"s"], True)
+            dkim.validate_signature_fields(ams, [b"i", b"a", b"b", b"bh", b"d", b"h", b"s"], True)
+            _key_name(seal)
+            _key_name(ams)
+        except (dkim.ValidationError, UnicodeDecodeError) as exc:
+            return f"instance {item.instance}: {_tidy(exc)}"
+        except Exception as exc:  # dkimpy raises IndexError on some malformed values
+            return f"instance {item.instance}: invalid tags ({exc.__class__.__name__})"
+        if b"h" in seal:
+            return f"ARC-Seal i={item.instance} has an h= tag"
+        for tags, kind in ((seal, "ARC-Seal"), (ams, "ARC-Message-Signature")):
+            if tags[b"a"].lower() != b"rsa-sha256":
+                return f"{kind} i={item.instance}: unsupported a={_text(tags[b'a'])}"
+        expected = b"none" if item.instance == 1 else b"pass"
+        if seal[b"cv"].lower() != expected:
+            return f"ARC-Seal i={item.instance} has cv={_text(seal[b'cv'])}"
+    return ""
+
+
+def _tidy(exc: Exception) -> str:
+    return re.sub(r"b'([^']*)'", r"\1", str(exc))[:160]
+
+
+def _failed(sets: list[_Set], reason: str) -> ArcResult:
+    return ArcResult("fail", reason, instances=len(sets), sealers=_sealers(sets))
+
+
+def _sealers(sets: list[_Set]) -> tuple[str, ...]:
+    return tuple(_text(s.seal_tags.get(b"d", b"?")).lower() for s in sets)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification with fetched key records (no network)
+
+
+class _Keys:
+    """Public keys from the fetched records, parsed once per message."""
+
+    def __init__(self, answers: Mapping[str, TxtResult], min_bits: int) -> None:
+        self.answers = answers
+        self.min_bits = min_bits
+        self._loaded: dict[str, rsa.RSAPublicKey | str] = {}
+
+    def get(self, tags: Mapping[bytes, bytes]) -> rsa.RSAPublicKey | str:
+        """The RSA key for s=/d=, or why there is none (a temporary error starts "DNS")."""
+        name = _key_name(tags)
+        if name not in self._loaded:
+            self._loaded[name] = self._load(name)
+        return self._loaded[name]
+
+    def _load(self, name: str) -> rsa.RSAPublicKey | str:
+        answer = self.answers.get(name)
+        if answer is None or answer.status == "temperror":
+            return f"DNS error for {name}"
+        if answer.status != "ok" or not answer.raw:
+            return f"no key at {name}"
+        try:
+            pk, bits, ktag, _ = dkim.evaluate_pk(name.encode(), answer.raw[0])
+        except Exception as exc:  # KeyFormatError, binascii.Error, ASN.1 errors
+            return f"unusable key at {name} ({exc.__class__.__name__})"
+        if ktag != b"rsa":
+            return f"key at {name} is not RSA"
+        if bits < self.min_bits:
+            return f"key at {name} has {bits} bits"
+        return rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key()
+
+
+def _signature_ok(key: rsa.RSAPublicKey, tags: Mapping[bytes, bytes], digest: bytes) -> bool:
+    try:
+        signature = base64.b64decode(re.sub(rb"\s+", b"", tags[b"b"]), validate=True)
+        key.verify(signature, digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+class _Hashes:
+    """Canonical headers and body hashes of one message, computed at most once each."""
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self._headers: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._bodies: dict[bool, bytes] = {}
+
+    def headers(self, policy: CanonicalizationPolicy) -> list[tuple[bytes, bytes]]:
+        algorithm = policy.header_algorithm.name
+        if algorithm not in self._headers:
+            self._headers[algorithm] = policy.canonicalize_headers(self.message.headers)
+        return self._headers[algorithm]
+
+    def body(self, policy: CanonicalizationPolicy) -> bytes:
+        relaxed = policy.body_algorithm.name == b"relaxed"
+        if relaxed not in self._bodies:
+            self._bodies[relaxed] = body_hash(self.message, relaxed=relaxed)
+        return self._bodies[relaxed]
+
+
+def _ams_valid(hashes: _Hashes, keys: _Keys, item: _Set) -> tuple[bool, str]:
+    """RFC 8617 5.2 step 4 for one ARC-Message-Signature: (valid, why not)."""
+    tags = item.ams_tags
+    name = f"ARC-Message-Signature i={item.instance}"
+    if b"l" in tags:
+        return False, f"{name} has l="
+    try:
+        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"relaxed/relaxed"))
+    except InvalidCanonicalizationPolicyError:
+        return False, f"{name} has an invalid c="
+    signed = [n.strip().lower() for n in tags[b"h"].split(b":")]
+    if len(signed) > MAX_SIGNED_FIELDS or SEAL in signed:
+        return False, f"{name} has an unacceptable h= list"
+    try:
+        wanted = base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"]), validate=True)
+    except ValueError:
+        return False, f"{name} has an invalid bh="
+    if hashes.body(policy) != wanted:
+        return False, f"{name}: body hash mismatch"
+    key = keys.get(tags)
+    if isinstance(key, str):
+        return False, f"{name}: {key}"
+    hasher = hashlib.sha256()
+    own = hashes.message.headers[item.fields[AMS]]
+    hash_headers(hasher, policy, hashes.headers(policy), signed, (own[0], own[1]), tags)
+    if not _signature_ok(key, tags, hasher.digest()):
+        return False, f"{name} did not verify"
+    return True, ""
+
+
+def seal_digest(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """SHA-256 over ARC fields in seal order (RFC 8617 5.1.1), the last being the ARC-Seal
+    being made or checked: relaxed canonicalization, its b= value and final CRLF removed."""
+    hasher = hashlib.sha256()
+    *earlier, (seal_name, seal_value) = fields
+    for name, value in _RELAXED.canonicalize_headers(earlier):
+        hasher.update(name + b":" + value)
+    for name, value in _RELAXED.canonicalize_headers(
+        [(seal_name, RE_BTAG.sub(rb"\1", seal_value))]
+    ):
+        hasher.update(name + b":" + value.rstrip())
+    return hasher.digest()
+
+
+def _set_fields(message: Message, sets: Iterable[_Set]) -> list[tuple[bytes, bytes]]:
+    out: list[tuple[bytes, bytes]] = []
+    for item in sets:
+        for kind in (AAR, AMS, SEAL):
+            name, value = message.headers[item.fields[kind]]
+            out.append((name, value))
+    return out
+
+
+def evaluate(
+    message: Message, chain: Chain, answers: Mapping[str, TxtResult], min_bits: int
+) -> ArcResult:
+    """RFC 8617 5.2 steps 4-6 with the fetched key records: pass or fail, and oldest-pass."""
+    sets = chain.sets
+    keys = _Keys(answers, min_bits)
+    hashes = _Hashes(message)
+    newest = sets[-1]
+    ok, why = _ams_valid(hashes, keys, newest)
+    if not ok:
+        return _failed(sets, why)
+    for item in reversed(sets):
+        key = keys.get(item.seal_tags)
+        if isinstance(key, str):
+            return _failed(sets, f"ARC-Seal i={item.instance}: {key}")
+        digest = seal_digest(_set_fields(message, sets[: item.instance]))
+        if not _signature_ok(key, item.seal_tags, digest):
+            return _failed(sets, f"ARC-Seal i={item.instance} did not verify")
+    oldest_pass = 0
+    for item in reversed(sets[:-1]):
+        if not _ams_valid(hashes, keys, item)[0]:
+            oldest_pass = item.instance + 1
+            break
+    aar = []
+    for item in sets:
+        value = message.headers[item.fields[AAR]][1].decode("utf-8", "replace")
+        aar.append(re.sub(r"\s+", " ", value.split(";", 1)[1]).strip())
+    return ArcResult(
+        "pass",
+        "",
+        instances=len(sets),
+        sealers=_sealers(sets),
+        selectors=tuple(_text(s.seal_tags[b"s"]) for s in sets),
+        oldest_pass=oldest_pass,
+        aar=tuple(aar),
+    )
+
+
+async def verify(message: Message, resolver: Resolver, min_bits: int = 1024) -> ArcResult:
+    """Check the message's ARC chain; keys come through `resolver` (shared cache). Never raises
+    for bad input: a DNS failure on a key makes the chain fail, as RFC 8617 5.2 leaves no
+    temperror result for arc=."""
+    chain = collect(message)
+    if isinstance(chain, ArcResult):
+        return chain
+    names = chain.key_names
+    answers = await asyncio.gather(*(resolver.txt(name) for name in names))
+    return evaluate(message, chain, dict(zip(names, answers, strict=True)), min_bits)
+
+
+# --------------------------------------------------------------------------------------------
+# DMARC local override (RFC 7489 6.7 "local_policy", RFC 8617 7.2)
+
+
+def trusted_override(result: ArcResult, trusted: Iterable[str], from_domain: str | None) -> str:
+    """The override evidence when a passing chain vouches for the author domain, else "".
+
+    Applies when the chain passes and an instance sealed by a trusted domain, whose message
+    signature and all newer ones still validate (instance >= oldest-pass), recorded in its
+    ARC-Authentication-Results dmarc=pass, or dkim=pass with header.d aligned (relaxed) with
+    the From domain.
+    """
+    wanted = {d.lower().rstrip(".") for d in trusted}
+    if result.result != "pass" or not wanted or not from_domain:
+        return ""
+    first = max(result.oldest_pass or 1, 1)
+    for instance in range(result.instances, first - 1, -1):
+        if result.sealers[instance - 1] in wanted and _vouches(
+            result.aar[instance - 1], from_domain
+        ):
+            return f"arc=pass {result.describe()}; trusted sealer {result.sealers[instance - 1]}"
+    return ""
+
+
+def _vouches(aar: str, from_domain: str) -> bool:
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse_value(aar)
+    except Exception:  # authres raises several kinds on sender-made text
+        return False
+    for res in parsed.results:
+        if res.method == "dmarc" and res.result == "pass":
+            return True
+        if res.method == "dkim" and res.result == "pass":
+            domain = next((p.value for p in res.properties if p.name == "d"), "")
+            if domain and dmarc_mod.aligned(domain, from_domain, "r"):
+                return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Sealing
+
+
+@dataclass(frozen=True)
+class SealParams:
+    """Who seals: d=, s=, the RSA key, and whose Authentication-Results go into the AAR."""
+
+    domain: str
+    selector: str
+    key: SigningKey
+    #: None: the results of our own inbound pass (dkproxy in).
+    authserv_id: str | None = None
+    headers: tuple[str, ...] | None = None
+
+
+def _fold_tags(tags: list[str], first: int) -> str:
+    lines, current, width = [], "", first
+    for tag in tags:
+        if current and width + len(current) + 1 + len(tag) > 76:
+            lines.append(current)
+            current, width = tag, 8
+        else:
+            current = f"{current} {tag}" if current else tag
+    lines.append(current)
+    return "\r\n\t".join(lines)
+
+
+def _fold_b64(signature: bytes) -> bytes:
+    text = base64.b64encode(signature)
+    return b"\r\n\t".join(text[i : i + _B64_FOLD] for i in range(0, len(text), _B64_FOLD))
+
+
+def _signed_names(message: Message, wanted: tuple[str, ...] | None) -> list[bytes]:
+    """h= for the AMS: the wanted fields present (DKIM-Signatures too, which a later hop must
+    not drop unnoticed); never ARC-Seal or Authentication-Results (receivers change those)."""
+    names = set(wanted or DEFAULT_SIGNED_HEADERS) | (
+        {"dkim-signature"} if wanted is None else set()
+    )
+    chosen = [
+        name.rstrip(b" \t").lower()
+        for name, _ in message.headers
+        if name.rstrip(b" \t").lower().decode("ascii", "replace") in names
+    ]
+    chosen = [n for n in chosen if n not in (SEAL, AMS, AAR, b"authentication-results")]
+    if b"from" not in chosen:
+        raise ArcSealError("message has no From header field")
+    return chosen
+
+
+def _sign(key: SigningKey, digest: bytes) -> bytes:
+    private = key.private
+    if not isinstance(private, rsa.RSAPrivateKey):
+        raise ArcSealError(f"{key.path}: ARC needs an RSA key")
+    return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+
+
+def seal(
+    message: Message,
+    params: SealParams,
+    results: str,
+    cv: ArcValue,
+    chain: Chain | ArcResult,
+    now: int | None = None,
+) -> list[bytes]:
+    """The next ARC Set as [ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results],
+    each a complete CRLF-terminated field to put on top of the message (RFC 8617 5.1).
+
+    `results` is the Authentication-Results value to copy ("authserv-id; method=result...");
+    `chain` is `collect(message)`; `cv` the chain's state as validated (fail for any chain
+    that did not pass; none when there is no chain). Raises ArcSealError when there is no
+    room for another instance or the message cannot be sealed.
+    """
+    previous = chain.sets if isinstance(chain, Chain) else []
+    seen = len(previous) if isinstance(chain, Chain) else chain.instances
+    if seen and cv == "none":
+        cv = "fail"  # a chain is present but nobody vouched for it
+    if not seen:
+        cv = "none"
+    instance = seen + 1
+    if instance > MAX_INSTANCES:
+        raise ArcSealError(f"the chain already has {seen} instances")
+    timestamp = int(time.time()) if now is None else now
+    results = re.sub(r"\s+", " ", results).strip().rstrip(";")
+    if not results or re.search(r"[^\x20-\x7e\t]", results):
+        raise ArcSealError("no usable Authentication-Results to seal")
+    aar = f"ARC-Authentication-Results: i={instance}; {results}\r\n".encode("ascii")
+    aar_field = (b"ARC-Authentication-Results", aar.split(b":", 1)[1])
+
+    names = _signed_names(message, params.headers)
+    bh = body_hash(message, relaxed=True)
+    ams_tags = [
+        f"i={instance};", "a=rsa-sha256;", "c=relaxed/relaxed;", f"d={params.domain};",
+        f"s={params.selector};", f"t={timestamp};",
+        "h=" + ":".join(n.decode("ascii") for n in names) + ";",
+        f"bh={base64.b64encode(bh).decode('ascii')};",
+    ]  # fmt: skip
+    ams_unsigned = (" " + _fold_tags(ams_tags, 23) + "\r\n\tb=").encode("ascii")
+    hasher = hashlib.sha256()
+    canonical = _RELAXED.canonicalize_headers(message.headers)
+    hash_headers(hasher, _RELAXED, canonical, names, (b"ARC-Message-Signature", ams_unsigned), None)
+    ams_value = ams_unsigned + _fold_b64(_sign(params.key, hasher.digest())) + b"\r\n"
+
+    seal_tags = [
+        f"i={instance};", "a=rsa-sha256;", f"cv={cv};", f"d={params.domain};",
+        f"s={params.selector};", f"t={timestamp};",
+    ]  # fmt: skip
+    seal_unsigned = (" " + _fold_tags(seal_tags, 10) + "\r\n\tb=").encode("ascii")
+    # A failed chain is not extended: the seal covers only its own set (RFC 8617 5.1.2).
+    fields = _set_fields(message, previous) if cv == "pass" else []
+    fields += [aar_field, (b"ARC-Message-Signature", ams_value), (b"ARC-Seal", seal_unsigned)]
+    seal_value = seal_unsigned + _fold_b64(_sign(params.key, seal_digest(fields))) + b"\r\n"
+    return [b"ARC-Seal:" + seal_value, b"ARC-Message-Signature:" + ams_value, aar]
+
+
+def results_of(message: Message, authserv_id: str) -> tuple[str, ArcValue | None] | None:
+    """The newest (topmost) Authentication-Results of `authserv_id`: (value, its arc= result).
+
+    Only the topmost counts: an older one of the same authserv-id is a previous pass's (or a
+    forgery) and says nothing about the chain as it is now. None when there is none; the
+    arc= result is None when that field has no arc= clause, fail when it has several.
+    """
+    wanted = authserv_id.strip().rstrip(".").lower()
+    merged = None
+    for name, value in message.headers:
+        if name.rstrip(b" \t").lower() != b"authentication-results":
+            continue
+        text = re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
+        head, _, rest = text.partition(";")
+        if head.strip().strip('"').rstrip(".").lower() == wanted:
+            merged = rest.strip() or "none"
+            break
+    if merged is None:
+        return None
+    cv: ArcValue | None = None
+    match = re.findall(r"(?:^|;)\s*arc\s*=\s*(pass|fail|none)\b", merged, re.IGNORECASE)
+    if len(match) == 1:
+        cv = match[0].lower()  # type: ignore[assignment]
+    elif match:
+        cv = "fail"  # several verdicts on one chain: trust none of them
+    return f"{authserv_id}; {merged}", cv
+
+
+def seal_message(
+    message: Message, params: SealParams, own: tuple[str, ArcValue] | None = None
+) -> list[bytes]:
+    """Seal with the results of `params.authserv_id`, or with `own` (results text, arc=
+    verdict) from our inbound pass. Raises ArcSealError when sealing is not possible."""
+    chain = collect(message)
+    if own is None:
+        found = results_of(message, params.authserv_id or "")
+        if found is None:
+            raise ArcSealError(f"no Authentication-Results from {params.authserv_id}")
+        results, cv = found
+    else:
+        results, cv = own
+    if isinstance(chain, ArcResult) and chain.result == "fail":
+        cv = "fail"  # structurally broken, whatever an earlier pass said
+    elif isinstance(chain, Chain) and cv is None:
+        raise ArcSealError(f"Authentication-Results from {params.authserv_id} have no arc=")
+    return seal(message, params, results, cv or "none", chain)
+
+
+def load_seal_params(cfg: ArcSealConfig, min_rsa_bits: int = 1024) -> SealParams:
+    """`[arc_seal]` with its key loaded; ConfigError naming the file when the key is unusable."""
+    try:
+        key = load_signing_key(cfg.key, min_rsa_bits)
+    except KeyLoadError as exc:
+        raise ConfigError.at(cfg.source, f"key file {exc}") from None
+    if key.kind != "rsa":
+        raise ConfigError.at(cfg.source, f"key: ARC needs an RSA key, {key.path} is not")
+    headers = tuple(cfg.headers) if cfg.headers else None
+    return SealParams(cfg.domain, cfg.selector, key, cfg.authserv_id, headers)
