@@ -130,6 +130,8 @@ def result_words(report: VerificationReport) -> list[list[str]]:
         clauses.insert(0, ["dkim=none"])
     if not report.domainkeys:
         clauses.append(["domainkeys=none"])
+    if report.arc is not None:
+        clauses.append(_arc_words(report.arc, report.client_ip))
     spf = report.spf
     if spf is not None:
         if spf.scope == "mailfrom":
@@ -156,8 +158,6 @@ def result_words(report: VerificationReport) -> list[list[str]]:
         if report.dmarc_override:
             words.insert(2 if comment else 1, _comment("override " + report.dmarc_override))
         clauses.append(words)
-    if report.arc is not None:
-        clauses.append(_arc_words(report.arc, report.client_ip))
     return clauses
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import authres
@@ -21,7 +22,7 @@ from dkproxy import arc
 from dkproxy.message import Message
 from tests.support.client import RawClient
 from tests.support.dnsserver import DNSServer
-from tests.support.proxy import ProxyProcess
+from tests.support.proxy import ProxyProcess, run_dkproxy
 from tests.support.sink import CaptureServer
 from tests.support.testkeys import KeySet, dns_record
 from tests.support.verifiers import (
@@ -372,3 +373,151 @@ def test_sealed_output_verifies_across_hops(
     assert our_results(delivered[0])["arc"].result == "pass"
     assert props(our_results(delivered[0])["arc"])["header.oldest-pass"] == "3"
     assert our_results(delivered[1])["arc"].result == "fail"
+
+
+def test_inbound_seals_its_own_results(
+    tmp_path: Path, dns_server: DNSServer, keys: str, capture: CaptureServer
+) -> None:
+    conf = tmp_path / "in.toml"
+    proxy = ProxyProcess("in", ["-c", str(conf)], positional=False)
+    conf.write_text(
+        f'mode = "in"\nlisten = "{proxy.address}"\nrelay = "{capture.address}"\n'
+        f'hostname = "{AUTHSERV}"\ndns_server = "{dns_server.address}"\n'
+        f'[arc_seal]\ndomain = "relay.example"\nselector = "{SELECTOR}"\nkey = "{keys}"\n'
+    )
+    original = signed(keys)
+    one = hop(original, "forwarder1.example", keys, dns_server, tool="dkimpy")
+    tampered = one.replace(b"Hello list.", b"Hello LIST.")
+    proxy.start()
+    try:
+        for message in (original, one, tampered):
+            assert send(proxy, message)[0] == 250
+    finally:
+        proxy.stop()
+    out = [tx.data for tx in capture.wait_for(3)]
+    assert all(o is not None for o in out)
+    seals = [field(o, rb"ARC-Seal: i=") for o in out]  # type: ignore[arg-type]
+    assert [re.search(rb"i=(\d+);.*?cv=(\w+)", s, re.S).groups() for s in seals] == [  # type: ignore[union-attr]
+        (b"1", b"none"), (b"2", b"pass"), (b"2", b"fail"),
+    ]  # fmt: skip
+    # The AAR is a copy of our own Authentication-Results, with its arc= verdict.
+    aar = field(out[1], rb"ARC-Authentication-Results: i=2;")  # type: ignore[arg-type]
+    assert f"i=2; {AUTHSERV}; ".encode() in aar and b"arc=pass" in aar
+    perl = [r["result"] for r in verify_mail_dkim_arc_many(out, dns_server)]  # type: ignore[arg-type]
+    assert perl == ["pass", "pass", "fail"]
+    assert [verify_dkimpy_arc(o, dns_server)[0] for o in out] == ["pass", "pass", "terminated"]  # type: ignore[arg-type]
+    assert "sealed" in proxy.log
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("signature arc(key={rsa},s=a1,d=relay.example)",
+         ":2: signature: arc(...) needs authserv_id"),
+        ("signature arc(key={ed},s=a1,d=relay.example,authserv_id=mx.x.example)",
+         "ARC needs an RSA key"),
+        ("signature arc(c=simple,key={rsa},s=a1,d=r.example,authserv_id=mx.x.example)",
+         "c=relaxed/relaxed"),
+        ("signature arc(a=rsa-sha1,key={rsa},s=a1,d=r.example,authserv_id=mx.x.example)",
+         "a=rsa-sha256"),
+        ("signature dkim(authserv_id=mx.x.example)", "authserv_id= only applies to arc"),
+        ("signature arc(key={rsa},i=@r.example,s=a1,d=r.example,authserv_id=mx.x.example)",
+         "no i= tag"),
+    ],
+)  # fmt: skip
+def test_arc_signature_specifier_errors(
+    tmp_path: Path, key_dir: KeySet, text: str, expected: str
+) -> None:
+    conf = tmp_path / "dkimproxy_out.conf"
+    spec = text.format(rsa=key_dir / "rsa2048.pem", ed=key_dir / "ed25519.pem")
+    conf.write_text(f"domain example.org\n{spec}\nkeyfile {key_dir / 'rsa2048.pem'}\n")
+    result = run_dkproxy("check-config", "--mode", "out", str(conf))
+    assert result.returncode == 1, result.stdout
+    assert expected in result.stderr and str(conf) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("mode", "table", "expected"),
+    [
+        ("out", 'domain = "r.example"\nselector = "a1"\nkey = "{rsa}"',
+         "arc_seal: authserv_id is needed in dkproxy out"),
+        ("in", 'domain = "r.example"\nselector = "a1"\nkey = "{weak}"', "arc_seal: key file"),
+        ("in", 'domain = "r.example"\nselector = "a1"\nkey = "{ed}"', "ARC needs an RSA key"),
+        ("in", 'domain = "r.example"\nselectr = "a1"\nkey = "{rsa}"', "arc_seal.selectr"),
+        ("in", 'domain = "not a domain"\nselector = "a1"\nkey = "{rsa}"', "arc_seal: d="),
+    ],
+)  # fmt: skip
+def test_arc_seal_table_errors(
+    tmp_path: Path, key_dir: KeySet, mode: str, table: str, expected: str
+) -> None:
+    conf = tmp_path / "dkproxy.toml"
+    body = table.format(rsa=key_dir / "rsa2048.pem", weak=key_dir / "rsa512.pem",
+                        ed=key_dir / "ed25519.pem")  # fmt: skip
+    conf.write_text(f'mode = "{mode}"\n[arc_seal]\n{body}\n')
+    result = run_dkproxy("check-config", str(conf))
+    assert result.returncode == 1, result.stdout
+    assert expected in result.stderr and str(conf) in result.stderr
+
+
+def test_check_config_shows_arc_settings(tmp_path: Path, key_dir: KeySet) -> None:
+    conf = tmp_path / "dkproxy.toml"
+    conf.write_text(
+        'mode = "in"\nhostname = "mx.example.test"\narc_trusted_sealers = ["list.example"]\n'
+        f'[arc_seal]\ndomain = "r.example"\nselector = "a1"\nkey = "{key_dir / "rsa2048.pem"}"\n'
+    )
+    result = run_dkproxy("check-config", str(conf))
+    assert result.returncode == 0, result.stderr
+    assert "ARC on, trusted sealers: list.example" in result.stdout
+    assert (
+        "ARC seal d=r.example s=a1" in result.stdout
+        and "mx.example.test (this pass)" in result.stdout
+    )
+
+
+def test_arc_clause_and_override_render_and_parse() -> None:
+    from dkproxy.authresults import authentication_results
+    from dkproxy.dmarc import DmarcRecord, DmarcResult
+    from dkproxy.verifier import VerificationReport
+
+    chain = arc.ArcResult("pass", instances=2, sealers=("a.example", "b.example"),
+                          selectors=("s1", "s2"), oldest_pass=0)  # fmt: skip
+    dmarc = DmarcResult("fail", "example.org", policy="reject", record=DmarcRecord(p="reject"),
+                        reason="no aligned DKIM or SPF pass")  # fmt: skip
+    for ip in ("192.0.2.1", "2001:db8::25"):
+        report = VerificationReport(arc=chain, dmarc=dmarc, client_ip=ip,
+                                    dmarc_override=arc.trusted_override(chain, [], None)
+                                    or "arc=pass " + chain.describe())  # fmt: skip
+        header = authentication_results(report, AUTHSERV).decode()
+        parsed = authres.AuthenticationResultsHeader.parse(header)
+        by_method = {r.method: r for r in parsed.results}
+        assert props(by_method["arc"]) == {"header.oldest-pass": "0", "smtp.remote-ip": ip}
+        assert props(by_method["dmarc"])["policy.override"] == "trusted_forwarder"
+        assert "dis=none" in header and "as[2].d=b.example as[2].s=s2" in header
+    failed = arc.ArcResult("fail", 'ARC-Seal i=1 did not verify "x"', instances=1)
+    header = authentication_results(VerificationReport(arc=failed), AUTHSERV).decode()
+    (result,) = [r for r in authres.AuthenticationResultsHeader.parse(header).results
+                 if r.method == "arc"]  # fmt: skip
+    assert result.result == "fail" and "did not verify" in result.reason
+
+
+def test_trusted_override_needs_a_vouching_trusted_instance() -> None:
+    def chain(oldest: int, aar2: str) -> arc.ArcResult:
+        return arc.ArcResult("pass", instances=2, sealers=("fwd.example", "list.example"),
+                             selectors=("s", "s"), oldest_pass=oldest,
+                             aar=("mx.fwd; dkim=pass header.d=example.org", aar2))  # fmt: skip
+
+    vouch = "mx.list.example; dkim=pass header.d=mail.example.org; dmarc=fail"
+    assert arc.trusted_override(chain(0, vouch), ["list.example"], "example.org")
+    assert arc.trusted_override(chain(0, "mx; dmarc=pass"), ["LIST.example."], "example.org")
+    # Not trusted, not aligned, the wrong author, a failed chain, or nothing vouching at all.
+    assert not arc.trusted_override(chain(0, vouch), ["other.example"], "example.org")
+    assert not arc.trusted_override(chain(0, "mx; dkim=pass header.d=evil.example"),
+                                    ["list.example"], "example.org")  # fmt: skip
+    assert not arc.trusted_override(chain(0, vouch), ["list.example"], "example.net")
+    assert not arc.trusted_override(
+        replace(chain(0, vouch), result="fail"), ["list.example"], "example.org"
+    )
+    assert not arc.trusted_override(chain(0, "mx; spf=pass"), ["list.example"], "example.org")
+    # fwd.example (instance 1) vouches, but its message signature no longer validates.
+    assert arc.trusted_override(chain(1, "mx; none"), ["fwd.example"], "example.org")
+    assert not arc.trusted_override(chain(2, "mx; none"), ["fwd.example"], "example.org")

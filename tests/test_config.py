@@ -580,7 +580,7 @@ def test_toml_inbound_actions_and_command_line_override(tmp_path: Path) -> None:
     ("actions", "expected"),
     [
         ('dkim.fial = "reject"', "unknown dkim result 'fial'"),
-        ('arc.fail = "reject"', "unknown method 'arc'"),
+        ('bimi.fail = "reject"', "unknown method 'bimi'"),
         ('dkim.fail = "bounce"', "expected one of accept, tempfail, reject"),
     ],
 )
