@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import authres
 import dkim
@@ -64,11 +64,10 @@ class ArcSealError(Exception):
 class ArcResult:
     """The verdict on a message's ARC chain (RFC 8617 5.2) and what a report needs of it.
 
-    `sealers` and `selectors` are the ARC-Seal d= and s= per instance, oldest first.
-    `oldest_pass` is RFC 8617's header.oldest-pass: 0 when every ARC-Message-Signature still
-    validates, else the lowest instance from which all newer ones do; None unless pass.
-    `instances` is the highest instance seen (what the next sealer adds one to), also for a
-    chain that failed.
+    `sealers`/`selectors`: ARC-Seal d=/s= per instance, oldest first. `oldest_pass`: RFC
+    8617's header.oldest-pass, 0 when every ARC-Message-Signature still validates, else the
+    lowest instance from which all newer ones do; None unless pass. `instances`: the highest
+    instance seen (the next sealer adds one), also for a chain that failed.
     """
 
     result: ArcValue
@@ -82,11 +81,9 @@ class ArcResult:
 
     def describe(self) -> str:
         """RFC 8617 7.2.2 evidence, newest first: "as[2].d=b.example as[2].s=s1 as[1].d=..."."""
-        parts = []
-        for index in range(len(self.sealers), 0, -1):
-            parts.append(f"as[{index}].d={self.sealers[index - 1]}")
-            parts.append(f"as[{index}].s={self.selectors[index - 1]}")
-        return " ".join(parts)
+        pairs = zip(self.sealers, self.selectors, strict=True)
+        parts = [f"as[{i}].d={d} as[{i}].s={s}" for i, (d, s) in enumerate(pairs, start=1)]
+        return " ".join(reversed(parts))
 
     def summary(self) -> str:
         """For the per-message log line: arc=pass/2(a.example,b.example)."""
@@ -114,20 +111,14 @@ class Chain:
 
     @property
     def key_names(self) -> list[str]:
-        names = set()
-        for item in self.sets:
-            for tags in (item.seal_tags, item.ams_tags):
-                names.add(_key_name(tags))
-        return sorted(names)
+        return sorted({_key_name(t) for s in self.sets for t in (s.seal_tags, s.ams_tags)})
 
 
 def _key_name(tags: Mapping[bytes, bytes]) -> str:
-    selector = tags[b"s"].decode("ascii")
-    domain = tags[b"d"].decode("ascii").rstrip(".")
-    return f"{selector}._domainkey.{domain}"
+    return f"{tags[b's'].decode('ascii')}._domainkey.{tags[b'd'].decode('ascii').rstrip('.')}"
 
 
-def _text(value: bytes) -> str:
+def _ascii(value: bytes) -> str:
     return value.decode("ascii", "replace")
 
 
@@ -225,10 +216,10 @@ def _check_tags(sets: list[_Set]) -> str:
             return f"ARC-Seal i={item.instance} has an h= tag"
         for tags, kind in ((seal, "ARC-Seal"), (ams, "ARC-Message-Signature")):
             if tags[b"a"].lower() != b"rsa-sha256":
-                return f"{kind} i={item.instance}: unsupported a={_text(tags[b'a'])}"
+                return f"{kind} i={item.instance}: unsupported a={_ascii(tags[b'a'])}"
         expected = b"none" if item.instance == 1 else b"pass"
         if seal[b"cv"].lower() != expected:
-            return f"ARC-Seal i={item.instance} has cv={_text(seal[b'cv'])}"
+            return f"ARC-Seal i={item.instance} has cv={_ascii(seal[b'cv'])}"
     return ""
 
 
@@ -241,27 +232,28 @@ def _failed(sets: list[_Set], reason: str) -> ArcResult:
 
 
 def _sealers(sets: list[_Set]) -> tuple[str, ...]:
-    return tuple(_text(s.seal_tags.get(b"d", b"?")).lower() for s in sets)
+    return tuple(_ascii(s.seal_tags.get(b"d", b"?")).lower() for s in sets)
 
 
 # --------------------------------------------------------------------------------------------
 # Verification with fetched key records (no network)
 
 
-class _Keys:
-    """Public keys from the fetched records, parsed once per message."""
+class _Keys(dict[str, rsa.RSAPublicKey | str]):
+    """Key name -> RSA public key from the fetched records (or why there is none), each
+    parsed once per message."""
 
     def __init__(self, answers: Mapping[str, TxtResult], min_bits: int) -> None:
+        super().__init__()
         self.answers = answers
         self.min_bits = min_bits
-        self._loaded: dict[str, rsa.RSAPublicKey | str] = {}
 
-    def get(self, tags: Mapping[bytes, bytes]) -> rsa.RSAPublicKey | str:
-        """The RSA key for s=/d=, or why there is none (a temporary error starts "DNS")."""
-        name = _key_name(tags)
-        if name not in self._loaded:
-            self._loaded[name] = self._load(name)
-        return self._loaded[name]
+    def get_key(self, tags: Mapping[bytes, bytes]) -> rsa.RSAPublicKey | str:
+        return self[_key_name(tags)]
+
+    def __missing__(self, name: str) -> rsa.RSAPublicKey | str:
+        self[name] = self._load(name)
+        return self[name]
 
     def _load(self, name: str) -> rsa.RSAPublicKey | str:
         answer = self.answers.get(name)
@@ -294,20 +286,19 @@ class _Hashes:
 
     def __init__(self, message: Message) -> None:
         self.message = message
-        self._headers: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self._bodies: dict[bool, bytes] = {}
+        self._cache: dict[tuple[str, bytes], Any] = {}
 
     def headers(self, policy: CanonicalizationPolicy) -> list[tuple[bytes, bytes]]:
-        algorithm = policy.header_algorithm.name
-        if algorithm not in self._headers:
-            self._headers[algorithm] = policy.canonicalize_headers(self.message.headers)
-        return self._headers[algorithm]
+        key = ("headers", policy.header_algorithm.name)
+        if key not in self._cache:
+            self._cache[key] = policy.canonicalize_headers(self.message.headers)
+        return self._cache[key]  # type: ignore[no-any-return]
 
     def body(self, policy: CanonicalizationPolicy) -> bytes:
-        relaxed = policy.body_algorithm.name == b"relaxed"
-        if relaxed not in self._bodies:
-            self._bodies[relaxed] = body_hash(self.message, relaxed=relaxed)
-        return self._bodies[relaxed]
+        key = ("body", policy.body_algorithm.name)
+        if key not in self._cache:
+            self._cache[key] = body_hash(self.message, relaxed=key[1] == b"relaxed")
+        return self._cache[key]  # type: ignore[no-any-return]
 
 
 def _ams_valid(hashes: _Hashes, keys: _Keys, item: _Set) -> tuple[bool, str]:
@@ -329,7 +320,7 @@ def _ams_valid(hashes: _Hashes, keys: _Keys, item: _Set) -> tuple[bool, str]:
         return False, f"{name} has an invalid bh="
     if hashes.body(policy) != wanted:
         return False, f"{name}: body hash mismatch"
-    key = keys.get(tags)
+    key = keys.get_key(tags)
     if isinstance(key, str):
         return False, f"{name}: {key}"
     hasher = hashlib.sha256()
@@ -375,7 +366,7 @@ def evaluate(
     if not ok:
         return _failed(sets, why)
     for item in reversed(sets):
-        key = keys.get(item.seal_tags)
+        key = keys.get_key(item.seal_tags)
         if isinstance(key, str):
             return _failed(sets, f"ARC-Seal i={item.instance}: {key}")
         digest = seal_digest(_set_fields(message, sets[: item.instance]))
@@ -395,7 +386,7 @@ def evaluate(
         "",
         instances=len(sets),
         sealers=_sealers(sets),
-        selectors=tuple(_text(s.seal_tags[b"s"]) for s in sets),
+        selectors=tuple(_ascii(s.seal_tags[b"s"]) for s in sets),
         oldest_pass=oldest_pass,
         aar=tuple(aar),
     )
@@ -422,8 +413,8 @@ def trusted_override(result: ArcResult, trusted: Iterable[str], from_domain: str
 
     Applies when the chain passes and an instance sealed by a trusted domain, whose message
     signature and all newer ones still validate (instance >= oldest-pass), recorded in its
-    ARC-Authentication-Results dmarc=pass, or dkim=pass with header.d aligned (relaxed) with
-    the From domain.
+    ARC-Authentication-Results dmarc=pass for header.from, or dkim=pass for header.d, aligned
+    (relaxed) with the From domain.
     """
     wanted = {d.lower().rstrip(".") for d in trusted}
     if result.result != "pass" or not wanted or not from_domain:
@@ -443,12 +434,10 @@ def _vouches(aar: str, from_domain: str) -> bool:
     except Exception:  # authres raises several kinds on sender-made text
         return False
     for res in parsed.results:
-        if res.method == "dmarc" and res.result == "pass":
+        props = {p.name: p.value for p in res.properties}
+        domain = props.get({"dmarc": "from", "dkim": "d"}.get(res.method, ""), "")
+        if res.result == "pass" and domain and dmarc_mod.aligned(domain, from_domain, "r"):
             return True
-        if res.method == "dkim" and res.result == "pass":
-            domain = next((p.value for p in res.properties if p.name == "d"), "")
-            if domain and dmarc_mod.aligned(domain, from_domain, "r"):
-                return True
     return False
 
 
@@ -480,33 +469,24 @@ def _fold_tags(tags: list[str], first: int) -> str:
     return "\r\n\t".join(lines)
 
 
-def _fold_b64(signature: bytes) -> bytes:
-    text = base64.b64encode(signature)
-    return b"\r\n\t".join(text[i : i + _B64_FOLD] for i in range(0, len(text), _B64_FOLD))
-
-
 def _signed_names(message: Message, wanted: tuple[str, ...] | None) -> list[bytes]:
     """h= for the AMS: the wanted fields present (DKIM-Signatures too, which a later hop must
     not drop unnoticed); never ARC-Seal or Authentication-Results (receivers change those)."""
-    names = set(wanted or DEFAULT_SIGNED_HEADERS) | (
-        {"dkim-signature"} if wanted is None else set()
-    )
-    chosen = [
-        name.rstrip(b" \t").lower()
-        for name, _ in message.headers
-        if name.rstrip(b" \t").lower().decode("ascii", "replace") in names
-    ]
-    chosen = [n for n in chosen if n not in (SEAL, AMS, AAR, b"authentication-results")]
+    names = {n.encode() for n in wanted or (*DEFAULT_SIGNED_HEADERS, "dkim-signature")}
+    names -= {SEAL, AMS, AAR, b"authentication-results"}
+    chosen = [n for n in (h.rstrip(b" \t").lower() for h, _ in message.headers) if n in names]
     if b"from" not in chosen:
         raise ArcSealError("message has no From header field")
     return chosen
 
 
 def _sign(key: SigningKey, digest: bytes) -> bytes:
-    private = key.private
-    if not isinstance(private, rsa.RSAPrivateKey):
+    """The b= value: OpenSSL's RSA signature of the digest, base64, folded."""
+    if not isinstance(key.private, rsa.RSAPrivateKey):
         raise ArcSealError(f"{key.path}: ARC needs an RSA key")
-    return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    signature = key.private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    text = base64.b64encode(signature)
+    return b"\r\n\t".join(text[i : i + _B64_FOLD] for i in range(0, len(text), _B64_FOLD))
 
 
 def seal(
@@ -553,7 +533,7 @@ def seal(
     hasher = hashlib.sha256()
     canonical = _RELAXED.canonicalize_headers(message.headers)
     hash_headers(hasher, _RELAXED, canonical, names, (b"ARC-Message-Signature", ams_unsigned), None)
-    ams_value = ams_unsigned + _fold_b64(_sign(params.key, hasher.digest())) + b"\r\n"
+    ams_value = ams_unsigned + _sign(params.key, hasher.digest()) + b"\r\n"
 
     seal_tags = [
         f"i={instance};", "a=rsa-sha256;", f"cv={cv};", f"d={params.domain};",
@@ -563,7 +543,7 @@ def seal(
     # A failed chain is not extended: the seal covers only its own set (RFC 8617 5.1.2).
     fields = _set_fields(message, previous) if cv == "pass" else []
     fields += [aar_field, (b"ARC-Message-Signature", ams_value), (b"ARC-Seal", seal_unsigned)]
-    seal_value = seal_unsigned + _fold_b64(_sign(params.key, seal_digest(fields))) + b"\r\n"
+    seal_value = seal_unsigned + _sign(params.key, seal_digest(fields)) + b"\r\n"
     return [b"ARC-Seal:" + seal_value, b"ARC-Message-Signature:" + ams_value, aar]
 
 
@@ -586,12 +566,10 @@ def results_of(message: Message, authserv_id: str) -> tuple[str, ArcValue | None
             break
     if merged is None:
         return None
-    cv: ArcValue | None = None
-    match = re.findall(r"(?:^|;)\s*arc\s*=\s*(pass|fail|none)\b", merged, re.IGNORECASE)
-    if len(match) == 1:
-        cv = match[0].lower()  # type: ignore[assignment]
-    elif match:
-        cv = "fail"  # several verdicts on one chain: trust none of them
+    found = re.findall(r"(?:^|;)\s*arc\s*=\s*(pass|fail|none)\b", merged, re.IGNORECASE)
+    verdicts: set[ArcValue] = {v.lower() for v in found}  # type: ignore[misc]
+    # Conflicting verdicts on one chain: trust none of them.
+    cv = verdicts.pop() if len(verdicts) == 1 else ("fail" if verdicts else None)
     return f"{authserv_id}; {merged}", cv
 
 

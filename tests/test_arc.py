@@ -508,7 +508,9 @@ def test_trusted_override_needs_a_vouching_trusted_instance() -> None:
 
     vouch = "mx.list.example; dkim=pass header.d=mail.example.org; dmarc=fail"
     assert arc.trusted_override(chain(0, vouch), ["list.example"], "example.org")
-    assert arc.trusted_override(chain(0, "mx; dmarc=pass"), ["LIST.example."], "example.org")
+    dmarc_pass = "mx; dmarc=pass header.from=example.org"
+    assert arc.trusted_override(chain(0, dmarc_pass), ["LIST.example."], "example.org")
+    assert not arc.trusted_override(chain(0, "mx; dmarc=pass"), ["list.example"], "example.org")
     # Not trusted, not aligned, the wrong author, a failed chain, or nothing vouching at all.
     assert not arc.trusted_override(chain(0, vouch), ["other.example"], "example.org")
     assert not arc.trusted_override(chain(0, "mx; dkim=pass header.d=evil.example"),
