@@ -1,13 +1,11 @@
 """ARC (RFC 8617): verifying the Authenticated Received Chain and sealing the next instance.
 
 Verification follows RFC 8617 section 5.2, split like the DKIM verifier so DNS never blocks
-the event loop: `collect` reads the ARC header fields without the network and ends a chain
-that is malformed (gaps, duplicates, more than 50 instances, newest cv=fail) before any key is
-fetched; the keys of every seal and message signature are then looked up concurrently through
-the shared caching resolver; `evaluate` checks the signatures with the fetched records.
-Canonicalization and header selection are dkimpy's; the RSA checks are OpenSSL's (through
-`cryptography`), and each body canonicalization is hashed once per message however many
-ARC-Message-Signatures there are, which bounds the work a hostile chain can cause.
+the event loop: `collect` ends a malformed chain (gaps, duplicates, over 50 instances,
+newest cv=fail) before any key is fetched; the keys are then looked up concurrently through
+the shared caching resolver; `evaluate` checks the signatures. Canonicalization and header
+selection are dkimpy's, RSA is OpenSSL's; each body canonicalization and each chain prefix
+is hashed once, which bounds the work a hostile chain can cause.
 
 Sealing (RFC 8617 section 5.1) computes the hashes the same way and signs the digest with
 OpenSSL, as `dkim_signer` does: dkimpy's `arc_sign` would do the RSA in pure Python.
@@ -29,7 +27,7 @@ import dkim
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
-from dkim import RE_BTAG, hash_headers
+from dkim import select_headers
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
@@ -323,26 +321,35 @@ def _ams_valid(hashes: _Hashes, keys: _Keys, item: _Set) -> tuple[bool, str]:
     key = keys.get_key(tags)
     if isinstance(key, str):
         return False, f"{name}: {key}"
-    hasher = hashlib.sha256()
     own = hashes.message.headers[item.fields[AMS]]
-    hash_headers(hasher, policy, hashes.headers(policy), signed, (own[0], own[1]), tags)
-    if not _signature_ok(key, tags, hasher.digest()):
+    selected = select_headers(hashes.headers(policy), signed)
+    if not _signature_ok(key, tags, _digest(selected, policy, (own[0], own[1]))):
         return False, f"{name} did not verify"
     return True, ""
 
 
-def seal_digest(fields: list[tuple[bytes, bytes]]) -> bytes:
-    """SHA-256 over ARC fields in seal order (RFC 8617 5.1.1), the last being the ARC-Seal
-    being made or checked: relaxed canonicalization, its b= value and final CRLF removed."""
-    hasher = hashlib.sha256()
-    *earlier, (seal_name, seal_value) = fields
-    for name, value in _RELAXED.canonicalize_headers(earlier):
+#: The value of the b= tag (RFC 6376 3.7: hashed with it deleted). Tags are known to parse,
+#: so this simple pattern suffices; dkimpy's general RE_BTAG backtracks over long base64.
+_B_VALUE = re.compile(rb"((?:^|;)[ \t\r\n]*b[ \t\r\n]*=)[^;]*")
+
+
+def _digest(canonical: list[tuple[bytes, bytes]], policy: CanonicalizationPolicy,
+            signature: tuple[bytes, bytes], prefix: Any = None) -> bytes:  # fmt: skip
+    """SHA-256 of canonical header fields (after what `prefix` already hashed), then the
+    signature field itself with its b= value and final CRLF removed (RFC 6376 3.7)."""
+    hasher = prefix.copy() if prefix is not None else hashlib.sha256()
+    for name, value in canonical:
         hasher.update(name + b":" + value)
-    for name, value in _RELAXED.canonicalize_headers(
-        [(seal_name, RE_BTAG.sub(rb"\1", seal_value))]
-    ):
-        hasher.update(name + b":" + value.rstrip())
+    unsigned = (signature[0], _B_VALUE.sub(rb"\1", signature[1]))
+    (name, value), *_ = policy.canonicalize_headers([unsigned])
+    hasher.update(name + b":" + value.rstrip())
     return hasher.digest()
+
+
+def seal_digest(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """The ARC-Seal hash: ARC fields in seal order (RFC 8617 5.1.1), relaxed, the last being
+    the seal made or checked."""
+    return _digest(_RELAXED.canonicalize_headers(fields[:-1]), _RELAXED, fields[-1])
 
 
 def _set_fields(message: Message, sets: Iterable[_Set]) -> list[tuple[bytes, bytes]]:
@@ -365,12 +372,20 @@ def evaluate(
     ok, why = _ams_valid(hashes, keys, newest)
     if not ok:
         return _failed(sets, why)
+    # Seal i covers sets 1..i: hash the common prefix once, so a long chain costs linear time.
+    fields = _set_fields(message, sets)
+    canonical = _RELAXED.canonicalize_headers(fields)
+    prefix, digests = hashlib.sha256(), []
+    for n in range(0, len(fields), 3):
+        for name, value in canonical[n : n + 2]:
+            prefix.update(name + b":" + value)
+        digests.append(_digest([], _RELAXED, fields[n + 2], prefix))
+        prefix.update(canonical[n + 2][0] + b":" + canonical[n + 2][1])
     for item in reversed(sets):
         key = keys.get_key(item.seal_tags)
         if isinstance(key, str):
             return _failed(sets, f"ARC-Seal i={item.instance}: {key}")
-        digest = seal_digest(_set_fields(message, sets[: item.instance]))
-        if not _signature_ok(key, item.seal_tags, digest):
+        if not _signature_ok(key, item.seal_tags, digests[item.instance - 1]):
             return _failed(sets, f"ARC-Seal i={item.instance} did not verify")
     oldest_pass = 0
     for item in reversed(sets[:-1]):
@@ -497,14 +512,10 @@ def seal(
     chain: Chain | ArcResult,
     now: int | None = None,
 ) -> list[bytes]:
-    """The next ARC Set as [ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results],
-    each a complete CRLF-terminated field to put on top of the message (RFC 8617 5.1).
-
-    `results` is the Authentication-Results value to copy ("authserv-id; method=result...");
-    `chain` is `collect(message)`; `cv` the chain's state as validated (fail for any chain
-    that did not pass; none when there is no chain). Raises ArcSealError when there is no
-    room for another instance or the message cannot be sealed.
-    """
+    """The next ARC Set [ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results], each
+    a CRLF-terminated field to put on top (RFC 8617 5.1). `results`: the Authentication-Results
+    value to copy ("authserv-id; ..."); `chain`: `collect(message)`; `cv`: the chain's state.
+    Raises ArcSealError when there is no room for another instance or nothing to seal."""
     previous = chain.sets if isinstance(chain, Chain) else []
     seen = len(previous) if isinstance(chain, Chain) else chain.instances
     if seen and cv == "none":
@@ -530,10 +541,9 @@ def seal(
         f"bh={base64.b64encode(bh).decode('ascii')};",
     ]  # fmt: skip
     ams_unsigned = (" " + _fold_tags(ams_tags, 23) + "\r\n\tb=").encode("ascii")
-    hasher = hashlib.sha256()
-    canonical = _RELAXED.canonicalize_headers(message.headers)
-    hash_headers(hasher, _RELAXED, canonical, names, (b"ARC-Message-Signature", ams_unsigned), None)
-    ams_value = ams_unsigned + _sign(params.key, hasher.digest()) + b"\r\n"
+    selected = select_headers(_RELAXED.canonicalize_headers(message.headers), names)
+    digest = _digest(selected, _RELAXED, (b"ARC-Message-Signature", ams_unsigned))
+    ams_value = ams_unsigned + _sign(params.key, digest) + b"\r\n"
 
     seal_tags = [
         f"i={instance};", "a=rsa-sha256;", f"cv={cv};", f"d={params.domain};",
@@ -548,12 +558,8 @@ def seal(
 
 
 def results_of(message: Message, authserv_id: str) -> tuple[str, ArcValue | None] | None:
-    """The newest (topmost) Authentication-Results of `authserv_id`: (value, its arc= result).
-
-    Only the topmost counts: an older one of the same authserv-id is a previous pass's (or a
-    forgery) and says nothing about the chain as it is now. None when there is none; the
-    arc= result is None when that field has no arc= clause, fail when it has several.
-    """
+    """The topmost Authentication-Results of `authserv_id` (older ones are earlier passes'
+    or forged) as (value, its arc= result: None if absent, fail if conflicting), or None."""
     wanted = authserv_id.strip().rstrip(".").lower()
     merged = None
     for name, value in message.headers:

@@ -523,3 +523,23 @@ def test_trusted_override_needs_a_vouching_trusted_instance() -> None:
     # fwd.example (instance 1) vouches, but its message signature no longer validates.
     assert arc.trusted_override(chain(1, "mx; none"), ["fwd.example"], "example.org")
     assert not arc.trusted_override(chain(2, "mx; none"), ["fwd.example"], "example.org")
+
+
+def test_toml_rule_with_an_arc_signature(tmp_path: Path, key_dir: KeySet) -> None:
+    conf = tmp_path / "out.toml"
+    key = key_dir / "rsa2048.pem"
+    conf.write_text(
+        'mode = "out"\n[[sign]]\nmatch = "*"\n'
+        f'[[sign.signature]]\ndomain = "example.org"\nselector = "s1"\nkey = "{key}"\n'
+        f'[[sign.signature]]\ntype = "arc"\ndomain = "relay.example"\nselector = "a1"\n'
+        f'key = "{key}"\nauthserv_id = "MX.Relay.Example"\n'
+    )
+    result = run_dkproxy("check-config", str(conf))
+    assert result.returncode == 0, result.stderr
+    assert "arc(d=relay.example, s=a1, a=rsa-sha256, c=relaxed/relaxed" in result.stdout
+    twice = conf.read_text().replace('match = "*"', 'match = "*"\n[[sign.signature]]\ntype = "arc"'
+                                     f'\ndomain = "r.example"\nselector = "a2"\nkey = "{key}"\n'
+                                     'authserv_id = "mx.example"')  # fmt: skip
+    conf.write_text(twice)
+    result = run_dkproxy("check-config", str(conf))
+    assert result.returncode == 1 and "one ARC set per message" in result.stderr
