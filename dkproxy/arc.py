@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -38,6 +39,7 @@ from .dnsresolver import Resolver, TxtResult
 from .keys import KeyLoadError, SigningKey, load_signing_key
 from .message import Message
 
+log = logging.getLogger(__name__)
 ArcValue = Literal["pass", "fail", "none"]
 
 #: RFC 8617 4.2.1: at most 50 ARC Sets; a chain with more fails without any crypto.
@@ -411,12 +413,16 @@ async def verify(message: Message, resolver: Resolver, min_bits: int = 1024) -> 
     """Check the message's ARC chain; keys come through `resolver` (shared cache). Never raises
     for bad input: a DNS failure on a key makes the chain fail, as RFC 8617 5.2 leaves no
     temperror result for arc=."""
-    chain = collect(message)
-    if isinstance(chain, ArcResult):
-        return chain
-    names = chain.key_names
-    answers = await asyncio.gather(*(resolver.txt(name) for name in names))
-    return evaluate(message, chain, dict(zip(names, answers, strict=True)), min_bits)
+    try:
+        chain = collect(message)
+        if isinstance(chain, ArcResult):
+            return chain
+        names = chain.key_names
+        answers = await asyncio.gather(*(resolver.txt(name) for name in names))
+        return evaluate(message, chain, dict(zip(names, answers, strict=True)), min_bits)
+    except Exception as exc:  # a bug must cost the chain its verdict, never the message
+        log.exception("cannot verify the ARC chain")
+        return ArcResult("fail", f"internal error ({exc.__class__.__name__})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +573,8 @@ def results_of(message: Message, authserv_id: str) -> tuple[str, ArcValue | None
             continue
         text = re.sub(r"\r?\n(?=[ \t])", "", value.decode("utf-8", "replace")).strip()
         head, _, rest = text.partition(";")
-        if head.strip().strip('"').rstrip(".").lower() == wanted:
+        claimed = (head.split() or [""])[0]  # RFC 8601: authserv-id [version]
+        if claimed.strip('"').rstrip(".").lower() == wanted:
             merged = rest.strip() or "none"
             break
     if merged is None:

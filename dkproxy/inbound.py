@@ -77,9 +77,10 @@ class InboundVerifier:
             own = header.split(b":", 1)[1].decode("ascii")
             verdict = report.arc.result if report.arc is not None else "none"
             try:
-                prepend[:0] = arc.seal_message(
-                    message, self.seal, None if self.seal.authserv_id else (own, verdict)
-                )
+                # Fields claiming our own authserv-id are forgeries, cut out below: seal ours.
+                named = self.seal.authserv_id not in (None, self.authserv_id.lower())
+                own_results = None if named else (own, verdict)
+                prepend[:0] = arc.seal_message(message, self.seal, own_results)
                 summary += " sealed"
             except arc.ArcSealError as exc:
                 summary += f" not sealed: {exc}"

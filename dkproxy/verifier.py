@@ -765,8 +765,9 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
 
     In order:
     - reject_fail: 550 when the sender's published policy says reject: DMARC fails and p=
-      (sp= for a subdomain) is reject; or DomainKeys o=- without a passing first-party
-      signature (not when the policy or key is in testing mode).
+      (sp= for a subdomain) is reject, unless a trusted ARC sealer overrides it; or
+      DomainKeys o=- without a passing first-party signature (not when the policy or key is
+      in testing mode).
     - reject_error: 451 on a temporary error that could change the outcome: no DKIM or
       DomainKeys signature passed and one hit a temperror, or DMARC itself is temperror.
     - `settings.actions` ("method.result" -> action, see `matched_actions`); the most severe

@@ -543,3 +543,50 @@ def test_toml_rule_with_an_arc_signature(tmp_path: Path, key_dir: KeySet) -> Non
     conf.write_text(twice)
     result = run_dkproxy("check-config", str(conf))
     assert result.returncode == 1 and "one ARC set per message" in result.stderr
+
+
+def test_mutated_chains_never_raise_and_mostly_fail(dns_server: DNSServer, keys: str) -> None:
+    """Every byte of the ARC fields of a valid two-hop chain, replaced (a seeded sample of
+    positions and bytes): verification answers pass or fail, never raises."""
+    import asyncio
+    import random
+
+    from dkproxy.dnsresolver import Resolver
+
+    two = hop(hop(signed(keys), "forwarder1.example", keys, dns_server, tool="dkimpy"),
+              "list.example", keys, dns_server, tool="dkimpy")  # fmt: skip
+    arc_end = two.index(b"Authentication-Results: mx.list.example")
+    rng = random.Random(8617)
+    positions = rng.sample(range(arc_end), 300)
+    resolver = Resolver(dns_server.address, timeout=2)
+
+    async def run() -> list[arc.ArcResult]:
+        out = []
+        for pos in positions:
+            byte = rng.choice(b"aZ09=;: \t\r\n\x00\xff:i")
+            mutated = two[:pos] + bytes([byte]) + two[pos + 1 :]
+            try:
+                message = Message(mutated)
+            except ValueError:
+                continue  # not a parsable header block: the session answers that case
+            out.append(await arc.verify(message, resolver))
+        return out
+
+    verdicts = asyncio.run(run())
+    assert not [v for v in verdicts if v.reason.startswith("internal error")]
+    results = [v.result for v in verdicts]
+    assert set(results) <= {"pass", "fail"} and len(results) > 200
+    assert results.count("fail") > 0.8 * len(results)
+
+
+def test_arc_options_and_actions() -> None:
+    from dkproxy.config import parse_proxy_command
+    from dkproxy.verifier import VerificationReport, VerifySettings, decide
+
+    cfg = parse_proxy_command("in", ["--no-arc", "--arc_trusted_sealers=a.example, B.example"])
+    assert cfg.arc is False and cfg.arc_trusted_sealers == ["a.example", "b.example"]
+    assert parse_proxy_command("in", []).arc is True
+    settings = VerifySettings(authserv_id=AUTHSERV, actions={"arc.fail": "reject"})
+    failed = VerificationReport(arc=arc.ArcResult("fail", "x"))
+    assert decide(failed, settings).reply.startswith("550 5.7.1 Message rejected: arc=fail")
+    assert decide(VerificationReport(arc=arc.ArcResult("pass")), settings).action == "accept"
