@@ -748,7 +748,7 @@ def matched_actions(
     """
     keys = [f"{method}.{result}" for method, result in report.method_results().items()]
     if report.dmarc_override:  # a trusted ARC sealer vouched for the author domain
-        keys.remove("dmarc.fail")
+        keys = [key for key in keys if key != "dmarc.fail"]
     dmarc = report.dmarc
     if (
         dmarc is not None
