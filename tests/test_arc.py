@@ -227,18 +227,25 @@ def test_chains_of_one_two_three_hops_and_faults(
     assert "arc=none" in log
 
 
-def test_instance_cap_fifty_passes_fifty_one_fails(
-    tmp_path: Path, dns_server: DNSServer, keys: str
-) -> None:
+@pytest.fixture(scope="module")
+def fifty(keys: str, dns_server: DNSServer) -> bytes:
+    """A chain of 50 honest hops sealed by dkimpy (which refuses a 51st)."""
     message = signed(keys)
     pem = Path(keys).read_bytes()
-    for n in range(1, 51):  # dkimpy seals 50 honest hops (it refuses a 51st)
+    for n in range(1, 51):
         verdict = "none" if n == 1 else "pass"
         srvid = f"mx{n}.list.example"
         message = f"Authentication-Results: {srvid}; arc={verdict}\r\n".encode() + message
         fields = dkim.arc_sign(message, SELECTOR.encode(), b"list.example", pem, srvid.encode())
         message = b"".join(fields) + message
     assert chain_verdict(message, dns_server) == "pass"
+    return message
+
+
+def test_instance_cap_fifty_passes_fifty_one_fails(
+    tmp_path: Path, dns_server: DNSServer, fifty: bytes
+) -> None:
+    message = fifty
     # A 51st set: the 50th's fields renumbered. Its signatures need not be checked at all.
     extra = b"".join(
         field(message, rb"%s: i=50;" % kind).replace(b"i=50;", b"i=51;", 1) + b"\r\n"
@@ -331,7 +338,7 @@ def relay_through(
 
 
 def test_sealed_output_verifies_across_hops(
-    tmp_path: Path, dns_server: DNSServer, keys: str, capture: CaptureServer
+    tmp_path: Path, dns_server: DNSServer, keys: str, capture: CaptureServer, fifty: bytes
 ) -> None:
     seal_spec = (
         f"signature arc(key={keys},s={SELECTOR},d=relay.example,authserv_id=mx.relay.example)"
@@ -351,15 +358,27 @@ def test_sealed_output_verifies_across_hops(
         broken = second.replace(b"Hello list.", b"Hello LIST.")
         failed_in = b"Authentication-Results: mx.relay.example; arc=fail; dkim=fail\r\n" + broken
         (failed,) = relay_through(proxy, [failed_in], capture)
-        # No Authentication-Results of the named authserv-id: passed on unsealed, and logged.
-        (unsealed,) = relay_through(proxy, [original], capture)
+        # A structurally broken chain (instance 1 gone) is fail whatever the results say.
+        gap_in = b"Authentication-Results: mx.relay.example; arc=pass\r\n" + drop_fields(
+            second, rb"ARC-[A-Za-z-]+: i=1;", 3
+        )
+        (gap,) = relay_through(proxy, [gap_in], capture)
+        # Passed on unsealed, each logged: no Authentication-Results of the named authserv-id;
+        # results without arc= for an arriving chain; a chain that already has 50 instances.
+        silent = b"Authentication-Results: mx.relay.example; dkim=pass\r\n" + second
+        full = b"Authentication-Results: mx.relay.example; arc=pass\r\n" + fifty
+        unsealed = relay_through(proxy, [original, silent, full], capture)
     finally:
         proxy.stop()
     assert b"ARC-Seal: i=1; a=rsa-sha256; cv=none; d=relay.example" in first
     assert b"ARC-Seal: i=3; a=rsa-sha256; cv=pass; d=relay.example" in third
     assert b"ARC-Seal: i=3; a=rsa-sha256; cv=fail; d=relay.example" in failed
-    assert b"ARC-Seal" not in unsealed.split(b"\r\n\r\n")[0]
+    assert b"ARC-Seal: i=3; a=rsa-sha256; cv=fail; d=relay.example" in gap  # after i=2
+    for out, sent in zip(unsealed, [original, silent, full], strict=True):
+        assert out.endswith(sent) and not out.startswith(b"ARC-Seal")
+    assert "have no arc=" in proxy.log and "the chain already has 50 instances" in proxy.log
     assert b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/simple; d=example.org" in first
+    assert verify_mail_dkim_arc_many([gap], dns_server)[0]["result"] == "fail"
     perl = [
         r["result"] for r in verify_mail_dkim_arc_many([first, second, third, failed], dns_server)
     ]
