@@ -292,13 +292,13 @@ class _Hashes:
         key = ("headers", policy.header_algorithm.name)
         if key not in self._cache:
             self._cache[key] = policy.canonicalize_headers(self.message.headers)
-        return self._cache[key]  # type: ignore[no-any-return]
+        return self._cache[key]
 
     def body(self, policy: CanonicalizationPolicy) -> bytes:
         key = ("body", policy.body_algorithm.name)
         if key not in self._cache:
             self._cache[key] = body_hash(self.message, relaxed=key[1] == b"relaxed")
-        return self._cache[key]  # type: ignore[no-any-return]
+        return self._cache[key]
 
 
 def _ams_valid(hashes: _Hashes, keys: _Keys, item: _Set) -> tuple[bool, str]:
