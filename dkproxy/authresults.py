@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from .arc import ArcResult
 from .message import Message
 from .verifier import SignatureResult, VerificationReport
 
@@ -132,6 +133,8 @@ def result_words(report: VerificationReport) -> list[list[str]]:
         clauses.insert(0, ["dkim=none"])
     if not report.domainkeys:
         clauses.append(["domainkeys=none"])
+    if report.arc is not None:
+        clauses.append(_arc_words(report.arc, report.client_ip))
     spf = report.spf
     if spf is not None:
         if spf.scope == "mailfrom":
@@ -147,11 +150,29 @@ def result_words(report: VerificationReport) -> list[list[str]]:
             comment = f"p={dm.record.p}"
             if dm.record.sp:
                 comment += f" sp={dm.record.sp}"
-            comment += f" pct={dm.record.pct} dis={dm.disposition}"
+            dis = "none" if report.dmarc_override else dm.disposition
+            comment += f" pct={dm.record.pct} dis={dis}"
         reason = dm.reason if dm.result != "pass" else ""
         props = [("header.from", _plain(dm.from_domain or ""))]
-        clauses.append(_resinfo("dmarc", dm.result, props, reason, comment))
+        if report.dmarc_override:
+            # RFC 7489 6.7 PolicyOverrideType; RFC 8617 7.2.2's evidence goes in a comment.
+            props.insert(0, ("policy.override", "trusted_forwarder"))
+        words = _resinfo("dmarc", dm.result, props, reason, comment)
+        if report.dmarc_override:
+            words.insert(2 if comment else 1, _comment("override " + report.dmarc_override))
+        clauses.append(words)
     return clauses
+
+
+def _arc_words(arc: ArcResult, client_ip: str | None) -> list[str]:
+    """RFC 8617 4.2.2 / 7.2: arc=RESULT [header.oldest-pass=N] smtp.remote-ip=ADDR."""
+    comment = ""
+    if arc.instances:
+        comment = f"i={arc.instances}; sealed by {', '.join(arc.sealers) or '?'}"
+    reason = arc.reason if arc.result == "fail" else ""
+    oldest = str(arc.oldest_pass) if arc.oldest_pass is not None else None
+    remote = ("smtp.remote-ip", client_ip) if client_ip else None
+    return _resinfo("arc", arc.result, [("header.oldest-pass", oldest)], reason, comment, remote)
 
 
 def _fold(head: str, clauses: list[list[str]]) -> str:

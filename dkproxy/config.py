@@ -157,6 +157,7 @@ ACTION_RESULTS: dict[str, frozenset[str]] = {
     ),
     "spf": frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"}),
     "dmarc": frozenset({"none", "pass", "fail", "temperror", "permerror", "quarantine", "reject"}),
+    "arc": frozenset({"none", "pass", "fail"}),
 }
 ACTIONS = ("accept", "tempfail", "reject")
 
@@ -367,7 +368,7 @@ class SignatureTemplate(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["dkim", "domainkeys"] = "dkim"
+    kind: Literal["dkim", "domainkeys", "arc"] = "dkim"
     canonicalization: str | None = None
     algorithm: str | None = None
     key: str | None = None
@@ -375,6 +376,8 @@ class SignatureTemplate(BaseModel):
     domain: str | None = None
     identity: str | None = None
     headers: list[str] | None = None
+    #: arc only: whose Authentication-Results the ARC set seals (RFC 8617 5.1).
+    authserv_id: str | None = None
     source: str = ""
 
     def describe(self) -> str:
@@ -389,6 +392,7 @@ class SignatureTemplate(BaseModel):
                 ("d", self.domain),
                 ("i", self.identity),
                 ("h", ":".join(self.headers) if self.headers is not None else None),
+                ("authserv_id", self.authserv_id),
             )
             if value is not None
         ]
@@ -411,12 +415,30 @@ class SignRule(BaseModel):
     source: str
 
 
+class ArcSealConfig(BaseModel):
+    """`[arc_seal]`: the ARC set dkproxy adds to every message it passes on (RFC 8617 5.1).
+
+    `authserv_id` names the Authentication-Results to seal; in `dkproxy in` it defaults to
+    the results of dkproxy's own pass (`hostname`), `dkproxy out` needs it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    domain: str
+    selector: str
+    key: str
+    authserv_id: str | None = None
+    headers: list[str] | None = None
+    source: str = ""
+
+
 class _CommonConfig(BaseModel):
     """Options shared by both directions: SMTP plumbing, daemon and logging."""
 
     model_config = ConfigDict(extra="forbid")
 
     reject_error: bool = False
+    arc_seal: ArcSealConfig | None = None
     relay_timeout: float = Field(300.0, gt=0)
     max_message_size: int = Field(DEFAULT_MAX_MESSAGE_SIZE, ge=0)  # 0 = unlimited
     workers: int | None = Field(None, ge=1)
@@ -534,6 +556,9 @@ class InboundConfig(_CommonConfig):
     actions: dict[str, Action] = Field(default_factory=dict)
     spf: bool = True
     dmarc: bool = True
+    #: Verify ARC chains (RFC 8617); sealers whose passing chain may override DMARC failures.
+    arc: bool = True
+    arc_trusted_sealers: list[str] = Field(default_factory=list)
 
     @field_validator("hostname")
     @classmethod
@@ -581,6 +606,7 @@ _SIG_OPTION_NAMES = {
     "headers": "headers",
     "i": "identity",
     "identity": "identity",
+    "authserv_id": "authserv_id",
 }
 _SPECIFIER_RE = re.compile(r"([A-Za-z_]\w*)\s*(?:\((.*)\))?", re.DOTALL)
 
@@ -622,8 +648,8 @@ def parse_signature_specifier(text: str, source: str) -> SignatureTemplate:
     if not match:
         raise ValueError(f"invalid signature specifier {spec!r}; expected e.g. dkim(c=relaxed)")
     kind = match.group(1).lower()
-    if kind not in ("dkim", "domainkeys"):
-        raise ValueError(f"invalid signature type {match.group(1)!r}; use dkim or domainkeys")
+    if kind not in ("dkim", "domainkeys", "arc"):
+        raise ValueError(f"invalid signature type {match.group(1)!r}; use dkim, domainkeys or arc")
     values: dict[str, Any] = {"kind": kind, "source": source}
     body = match.group(2)
     if body is not None:
@@ -635,7 +661,7 @@ def parse_signature_specifier(text: str, source: str) -> SignatureTemplate:
             name, value = name.strip(), value.strip()
             key = _SIG_OPTION_NAMES.get(name.lower())
             if key is None:
-                known = "key, s, d, c, a, h, i"
+                known = "key, s, d, c, a, h, i, authserv_id"
                 raise ValueError(f"unknown signature option {name!r} in {spec!r} (known: {known})")
             if not eq or not value:
                 raise ValueError(f"signature option {name!r} in {spec!r} needs a value")
@@ -649,6 +675,10 @@ def make_signature_template(values: dict[str, Any]) -> SignatureTemplate:
     """Validate the syntax of the parts of a signature that do not need keys or defaults."""
     kind = values.get("kind", "dkim")
     out = dict(values)
+    if kind == "arc":
+        _check_arc_template(out)
+    elif out.get("authserv_id") is not None:
+        raise ValueError("authserv_id= only applies to arc(...)")
     canon = out.get("canonicalization")
     if canon is not None:
         canon = out["canonicalization"] = str(canon).strip().lower()
@@ -685,6 +715,27 @@ def make_signature_template(values: dict[str, Any]) -> SignatureTemplate:
     if headers is not None:
         out["headers"] = parse_header_list(headers)
     return SignatureTemplate(**out)
+
+
+def _check_arc_template(values: dict[str, Any]) -> None:
+    """arc(...): RFC 8617 fixes c=relaxed/relaxed and a=rsa-sha256, and has no i=."""
+    if str(values.get("canonicalization") or "relaxed/relaxed").lower() not in (
+        "relaxed",
+        "relaxed/relaxed",
+    ):
+        raise ValueError("ARC signatures always use c=relaxed/relaxed")
+    values.pop("canonicalization", None)
+    if str(values.get("algorithm") or "rsa-sha256").lower() != "rsa-sha256":
+        raise ValueError("ARC signatures are a=rsa-sha256 (RFC 8617)")
+    if values.get("identity") is not None:
+        raise ValueError("ARC signatures have no i= tag")
+    srv = str(values.get("authserv_id") or "").strip()
+    if not _HOSTNAME_RE.fullmatch(srv):
+        raise ValueError(
+            "arc(...) needs authserv_id=NAME: the authserv-id whose Authentication-Results "
+            "are sealed"
+        )
+    values["authserv_id"] = srv.rstrip(".").lower()
 
 
 def check_canonicalization(kind: str, canon: str) -> None:
@@ -894,6 +945,14 @@ _OPTIONS: tuple[_Opt, ...] = (
     ),
     _Opt("spf", "bool", _IN, help="check SPF (default on; --no-spf turns it off)"),
     _Opt("dmarc", "bool", _IN, help="evaluate DMARC (default on; --no-dmarc turns it off)"),
+    _Opt("arc", "bool", _IN, help="verify ARC chains (default on; --no-arc turns it off)"),
+    _Opt(
+        "arc_trusted_sealers",
+        "domains",
+        _IN,
+        help="ARC sealers whose passing chain overrides a DMARC failure, comma-separated",
+        metavar="DOMAIN[,DOMAIN...]",
+    ),
     # daemon
     _Opt("daemonize", "bool", help="run in the background", aliases=("setsid", "background")),
     _Opt("user", "str", help="user to run as", metavar="USER"),
@@ -1266,7 +1325,7 @@ def _guess_mode(path: str, settings: list[_Setting]) -> Mode:
 class _TomlSignature(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["dkim", "domainkeys"] = "dkim"
+    type: Literal["dkim", "domainkeys", "arc"] = "dkim"
     key: str | None = None
     selector: str | None = None
     domain: str | None = None
@@ -1274,6 +1333,7 @@ class _TomlSignature(BaseModel):
     canonicalization: str | None = None
     identity: str | None = None
     headers: list[str] | None = None
+    authserv_id: str | None = None
 
     @field_validator("headers", mode="before")
     @classmethod
@@ -1344,9 +1404,25 @@ class _TomlLog(BaseModel):
     debugtrace: bool | None = None
 
 
+class _TomlArcSeal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    domain: str
+    selector: str
+    key: str
+    authserv_id: str | None = None
+    headers: list[str] | None = None
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _split_headers(cls, value: Any) -> Any:
+        return value.split(":") if isinstance(value, str) else value
+
+
 class _TomlCommon(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    arc_seal: _TomlArcSeal | None = None
     listen: str | None = None
     relay: str | None = None
     hostname: str | None = None
@@ -1382,6 +1458,8 @@ class _TomlIn(_TomlCommon):
     allow_body_length: bool | None = None
     spf: bool | None = None
     dmarc: bool | None = None
+    arc: bool | None = None
+    arc_trusted_sealers: list[str] | None = None
     actions: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -1528,6 +1606,8 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
     put("syslog_ident", log.ident, "log.ident")
     put("log_file", log.file, "log.file", rel)
     put("debugtrace", log.debugtrace, "log.debugtrace")
+    if doc.arc_seal is not None:
+        acc.set("arc_seal", _toml_arc_seal(path, doc, rel), where("arc_seal"))
 
     if isinstance(doc, _TomlOut):
         put("min_rsa_bits", doc.min_rsa_bits, "min_rsa_bits")
@@ -1553,8 +1633,40 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
         put("allow_body_length", doc.allow_body_length, "allow_body_length")
         put("spf", doc.spf, "spf")
         put("dmarc", doc.dmarc, "dmarc")
+        put("arc", doc.arc, "arc")
+        sealers = ",".join(doc.arc_trusted_sealers or []) or None
+        put("arc_trusted_sealers", sealers, "arc_trusted_sealers", parse_domain_list)
         acc.set("actions", _flatten_actions(path, doc.actions), where("actions"))
     return acc
+
+
+def _toml_arc_seal(path: str, doc: _TomlCommon, rel: Callable[[str], str]) -> ArcSealConfig:
+    seal = doc.arc_seal
+    assert seal is not None
+    values = {
+        "kind": "arc",
+        "domain": seal.domain,
+        "selector": seal.selector,
+        "key": rel(seal.key),
+        "headers": seal.headers,
+        # dkproxy in seals its own results when no authserv_id is named: check the rest.
+        "authserv_id": seal.authserv_id or ("own.results" if isinstance(doc, _TomlIn) else None),
+    }
+    try:
+        template = make_signature_template(values)
+    except ValueError as exc:
+        message = str(exc)
+        if not values["authserv_id"]:
+            message = "authserv_id is needed in dkproxy out (whose results to seal)"
+        raise ConfigError(path, None, f"arc_seal: {message}") from None
+    return ArcSealConfig(
+        domain=template.domain or seal.domain,
+        selector=template.selector or seal.selector,
+        key=template.key or seal.key,
+        authserv_id=seal.authserv_id and template.authserv_id,
+        headers=template.headers,
+        source=f"{path}: arc_seal",
+    )
 
 
 def _checked(check: Callable[[str], None]) -> Callable[[str], str]:
@@ -1649,6 +1761,7 @@ def _toml_rules(
                 "canonicalization": sig.canonicalization,
                 "identity": sig.identity,
                 "headers": sig.headers if sig.headers is not None else default_headers,
+                "authserv_id": sig.authserv_id,
                 "source": f"{path}: {key_path}",
             }
             try:

@@ -8,6 +8,7 @@ and reject_error, then the per-result actions of the native configuration.
 
 from __future__ import annotations
 
+from dkproxy import arc
 from dkproxy.authresults import (
     authentication_results,
     forged_authentication_results,
@@ -41,7 +42,11 @@ class InboundVerifier:
             reject_fail=cfg.reject_fail,
             reject_error=cfg.reject_error,
             actions=dict(cfg.actions),
+            # Sealing needs the chain's verdict, so it implies verifying.
+            arc=cfg.arc or cfg.arc_seal is not None,
+            arc_trusted_sealers=frozenset(cfg.arc_trusted_sealers),
         )
+        self.seal = arc.load_seal_params(cfg.arc_seal) if cfg.arc_seal else None
 
     async def __call__(self, data: Buffer, envelope: Envelope) -> Outcome:
         try:
@@ -68,8 +73,20 @@ class InboundVerifier:
         reject = self._verdict(report)
         if reject is not None:
             summary += f" -> {reject}"
+        prepend = [header]
+        if self.seal is not None and reject is None:
+            own = header.split(b":", 1)[1].decode("ascii")
+            verdict = report.arc.result if report.arc is not None else "none"
+            try:
+                # Fields claiming our own authserv-id are forgeries, cut out below: seal ours.
+                named = self.seal.authserv_id not in (None, self.authserv_id.lower())
+                own_results = None if named else (own, verdict)
+                prepend[:0] = arc.seal_message(message, self.seal, own_results)
+                summary += " sealed"
+            except arc.ArcSealError as exc:
+                summary += f" not sealed: {exc}"
         return Outcome(
-            prepend=[header],
+            prepend=prepend,
             reject=reject,
             summary=summary,
             remove_ranges=header_byte_ranges(message, forged),

@@ -92,6 +92,10 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
     try:
         cfg = load_config_file(path, args.mode)
         policy = SigningPolicy.from_config(cfg) if isinstance(cfg, OutboundConfig) else None
+        if cfg.arc_seal is not None:
+            from dkproxy.arc import load_seal_params
+
+            load_seal_params(cfg.arc_seal)  # the daemon refuses to start on a bad key too
     except ConfigError as exc:
         # "FILE:LINE: message" first on the line, so editors and grep can jump to it.
         print(str(exc), file=sys.stderr)
@@ -122,6 +126,10 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
                 warnings.append(line.removeprefix("warning: "))
             else:
                 print(f"  {line}", file=out)
+        if cfg.arc_seal is not None:
+            seal = cfg.arc_seal
+            print(f"ARC seal on every message: d={seal.domain} s={seal.selector} "
+                  f"key={seal.key}, results of {seal.authserv_id}", file=out)  # fmt: skip
         for key_path in dict.fromkeys(key.path for _, _, key, _ in keys):
             warnings.extend(key_file_warnings(key_path, cfg.user, cfg.group))
     for warning in warnings:
@@ -152,6 +160,13 @@ def _describe_inbound(cfg: InboundConfig, out: TextIO) -> None:
     print(f"DNS  {dns_server}, timeout {cfg.dns_timeout:g}s", file=out)
     print(f"SPF {'on' if cfg.spf else 'off'}, DMARC {'on' if cfg.dmarc else 'off'}", file=out)
     print(f"at most {cfg.max_signatures} signatures checked per message", file=out)
+    trusted = ", ".join(cfg.arc_trusted_sealers) or "none"
+    print(f"ARC {'on' if cfg.arc else 'off'}, trusted sealers: {trusted}", file=out)
+    if cfg.arc_seal is not None:
+        seal = cfg.arc_seal
+        whose = seal.authserv_id or f"{cfg.hostname} (this pass)"
+        print(f"ARC seal d={seal.domain} s={seal.selector} key={seal.key}, results of {whose}",
+              file=out)  # fmt: skip
     print("actions (results not listed are accepted):", file=out)
     for result, action in sorted(cfg.actions.items()) or [("(none)", "")]:
         print(f"  {result}  {action}".rstrip(), file=out)

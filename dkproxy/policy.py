@@ -71,7 +71,7 @@ from dkproxy.config import (
 from dkproxy.keys import KeyCache, KeyLoadError, SigningKey
 from dkproxy.message import Address
 
-SignatureKind = Literal["dkim", "domainkeys"]
+SignatureKind = Literal["dkim", "domainkeys", "arc"]
 
 #: Header fields DKIM must sign (RFC 6376 section 5.4).
 _REQUIRED_DKIM_HEADERS = ("from",)
@@ -94,6 +94,8 @@ class SignatureSpec:
     headers: tuple[str, ...] | None = None
     #: Where this signature was configured, for log lines.
     source: str = ""
+    #: arc: whose Authentication-Results the ARC set seals.
+    authserv_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ class _Prepared:
     identity: _Template | None
     source: str
     label: str
+    authserv_id: str | None = None
 
     def describe(self, key_domain: str | None) -> str:
         domain = self.domain.text
@@ -594,6 +597,8 @@ class _Builder:
         exact_key_domain: str | None = None,
     ) -> _Rule:
         prepared = tuple(self.prepare(t, key_domain, default, exact_key_domain) for t in templates)
+        if sum(p.kind == "arc" for p in prepared) > 1:
+            raise ConfigError.at(where, "one ARC set per message: give at most one arc(...)")
         return _Rule(name, label, prepared, key_domain, where, exact_key_domain)
 
     def prepare(
@@ -643,12 +648,15 @@ class _Builder:
                     raise fail(f"matched key {value!r} is not a domain; give d= explicitly")
 
         # canonicalization (DKIMproxy: c= > dkim_method/domainkeys_method > method > default)
-        if template.kind == "dkim":
+        if template.kind == "arc":
+            canon = "relaxed/relaxed"  # RFC 8617: ARC signatures are always relaxed/relaxed
+        elif template.kind == "dkim":
             canon = template.canonicalization or cfg.dkim_method or cfg.method or "relaxed"
         else:
             canon = template.canonicalization or cfg.domainkeys_method or cfg.method or "nofws"
         try:
-            check_canonicalization(template.kind, canon)
+            if template.kind != "arc":
+                check_canonicalization(template.kind, canon)
         except ValueError as exc:
             raise fail(str(exc)) from None
         if template.kind == "dkim" and "/" not in canon:
@@ -686,6 +694,7 @@ class _Builder:
             identity=identity,
             source=where,
             label=f"{template.kind}(d={shown_domain}, s={selector}) from {where}",
+            authserv_id=template.authserv_id,
         )
         # Check values fixed per rule now, so a wrong i= is a start-up error, not a skip.
         if domain.macros <= {"key", "keydomain"}:
@@ -705,6 +714,10 @@ class _Builder:
         template: SignatureTemplate, key: SigningKey, fail: Callable[[str], ConfigError]
     ) -> str:
         wanted = template.algorithm
+        if template.kind == "arc":
+            if key.kind != "rsa":
+                raise fail(f"ARC needs an RSA key (RFC 8617); {key.path} is {key.kind}")
+            return "rsa-sha256"
         if template.kind == "domainkeys":
             if key.kind != "rsa":
                 raise fail(f"DomainKeys needs an RSA key; {key.path} is {key.kind}")
@@ -767,6 +780,7 @@ def _concrete(prepared: _Prepared, sender: Address | None, key_domain: str | Non
         identity=identity,
         headers=prepared.headers,
         source=prepared.source,
+        authserv_id=prepared.authserv_id,
     )
 
 

@@ -8,7 +8,7 @@ with an explicit h= a DKIM-Signature below it is not among them, so both verify.
 
 from __future__ import annotations
 
-from dkproxy import dkim_signer, domainkeys
+from dkproxy import arc, dkim_signer, domainkeys
 from dkproxy.config import OutboundConfig
 from dkproxy.message import Buffer, Message, MessageFormatError
 from dkproxy.policy import SignatureSpec, SigningPolicy
@@ -25,11 +25,19 @@ class OutboundSigner:
     @classmethod
     def from_config(cls, cfg: OutboundConfig) -> OutboundSigner:
         """Load every key and map the configuration names (ConfigError on any problem)."""
-        return cls(SigningPolicy.from_config(cfg), cfg.reject_error)
+        seal = arc.load_seal_params(cfg.arc_seal, cfg.min_rsa_bits) if cfg.arc_seal else None
+        return cls(SigningPolicy.from_config(cfg), cfg.reject_error, seal)
 
-    def __init__(self, policy: SigningPolicy, reject_error: bool = False) -> None:
+    def __init__(
+        self,
+        policy: SigningPolicy,
+        reject_error: bool = False,
+        arc_seal: arc.SealParams | None = None,
+    ) -> None:
         self.policy = policy
         self.reject_error = reject_error
+        #: `[arc_seal]`: sealed on every message, unless its rule has an arc(...) of its own.
+        self.arc_seal = arc_seal
         self._dkim_params: dict[SignatureSpec, dkim_signer.DKIMParams] = {}
 
     async def __call__(self, data: Buffer, envelope: Envelope) -> Outcome:
@@ -62,8 +70,9 @@ class OutboundSigner:
             # DKIM requires a signed From: such a message passes unsigned, and is logged.
             return Outcome(summary=f"{context} unsigned: no From header")
         selection = self.policy.select(sender, message.list_id(), no_sender=no_sender)
-        if not selection.specs:
+        if not selection.specs and self.arc_seal is None:
             return Outcome(summary=f"{context} unsigned: {selection.reason or 'no rule'}")
+        seal = self.arc_seal
         dk_fields: list[bytes] = []
         dkim_fields: list[bytes] = []
         added: list[str] = []
@@ -71,6 +80,11 @@ class OutboundSigner:
         body_hashes = dkim_signer.BodyHashCache(message)
         for spec in selection.specs:
             label = f"{spec.kind}(d={spec.domain},s={spec.selector},a={spec.algorithm})"
+            if spec.kind == "arc":
+                seal = arc.SealParams(
+                    spec.domain, spec.selector, spec.key, spec.authserv_id, spec.headers
+                )
+                continue
             try:
                 if spec.kind == "dkim":
                     dkim_fields.append(dkim_signer.sign(message, self._params(spec), body_hashes))
@@ -92,11 +106,20 @@ class OutboundSigner:
             except (dkim_signer.DKIMSignError, ValueError) as exc:
                 return self._failed(f"{context} signing failed: {label}: {exc}")
             added.append(label)
-        summary = f"{context} rule={selection.rule}"
+        arc_fields: list[bytes] = []
+        if seal is not None:
+            label = f"arc(d={seal.domain},s={seal.selector})"
+            try:
+                arc_fields = arc.seal_message(message, seal)
+                instance = arc_fields[0].split(b"i=", 1)[1].split(b";", 1)[0].decode()
+                added.append(f"{label[:-1]},i={instance})")
+            except arc.ArcSealError as exc:
+                skipped.append(f"{label} skipped: {exc}")  # the mail still goes on
+        summary = f"{context} rule={selection.rule or '-'}"
         summary += f" signed={','.join(added)}" if added else " unsigned"
         if skipped:
             summary += " " + "; ".join(skipped)
-        return Outcome(prepend=dk_fields + dkim_fields, summary=summary)
+        return Outcome(prepend=arc_fields + dk_fields + dkim_fields, summary=summary)
 
     def _failed(self, summary: str) -> Outcome:
         if self.reject_error:

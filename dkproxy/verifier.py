@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from . import arc as arc_mod
 from . import dmarc as dmarc_mod
 from . import domainkeys as dk
 from .addresses import canonical_domain_or_none
@@ -84,6 +85,10 @@ class VerifySettings:
     reject_fail: bool = False
     reject_error: bool = False
     actions: Mapping[str, Action] = field(default_factory=dict)
+    #: Verify ARC chains (RFC 8617) in the same pass.
+    arc: bool = True
+    #: ARC sealers whose passing chain may override a DMARC failure (see arc.trusted_override).
+    arc_trusted_sealers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,13 @@ class VerificationReport:
     spf: SpfResult | None = None
     dmarc: dmarc_mod.DmarcResult | None = None
     dk_policy: DKPolicyResult | None = None
+    arc: arc_mod.ArcResult | None = None
+    #: Evidence when a trusted ARC sealer overrides a DMARC failure (RFC 7489 local_policy).
+    dmarc_override: str = ""
     #: Sender (Sender, else From) address used for DomainKeys, if any.
     sender: str | None = None
+    #: The SMTP client's address (XFORWARD ADDR, else the peer), for smtp.remote-ip.
+    client_ip: str | None = None
     elapsed: float = 0.0
     #: DMARC per author domain, strictest first (`dmarc` is the first); see dkproxy.authors.
     dmarc_authors: list[dmarc_mod.DmarcResult] = field(default_factory=list)
@@ -180,6 +190,8 @@ class VerificationReport:
             results["spf"] = self.spf.result
         if self.dmarc is not None:
             results["dmarc"] = self.dmarc.result
+        if self.arc is not None:
+            results["arc"] = self.arc.result
         return results
 
     def summary(self) -> str:
@@ -200,6 +212,10 @@ class VerificationReport:
             parts.append(f"dmarc={self.dmarc.result}/{self.dmarc.from_domain or '-'}")
         if self.dk_policy is not None and self.dk_policy.verdict == "reject":
             parts.append(f"dk-policy=reject/{self.dk_policy.domain}")
+        if self.arc is not None:
+            parts.append(self.arc.summary())
+        if self.dmarc_override:
+            parts.append("dmarc-override=arc")
         return " ".join(parts) + f" ({self.elapsed * 1000:.1f} ms)"
 
 
@@ -609,7 +625,7 @@ async def verify_message(
 ) -> VerificationReport:
     """Check every signature (up to the cap), SPF and DMARC; never raises for bad input."""
     started = time.perf_counter()
-    report = VerificationReport()
+    report = VerificationReport(client_ip=client_ip)
     results: dict[int, SignatureResult] = {}
     pending: list[_Pending] = []
     dkim_position = 0
@@ -653,6 +669,9 @@ async def verify_message(
     warm: list[asyncio.Future[TxtResult]] = []
     if settings.dmarc:
         warm.extend(asyncio.ensure_future(resolver.txt(f"_dmarc.{a}")) for a in authors)
+    arc_task: asyncio.Future[arc_mod.ArcResult] | None = None
+    if settings.arc:
+        arc_task = asyncio.ensure_future(arc_mod.verify(message, resolver, settings.min_key_bits))
     spf_task: asyncio.Future[SpfResult | None] | None = None
     if settings.spf and client_ip:
         spf_task = asyncio.ensure_future(
@@ -678,9 +697,11 @@ async def verify_message(
         report.signatures = [results[i] for i in sorted(results)]
         if spf_task is not None:
             report.spf = await spf_task
+        if arc_task is not None:
+            report.arc = await arc_task
         await asyncio.gather(*warm)
     except BaseException:
-        for task in [*key_tasks, *warm, *([spf_task] if spf_task else [])]:
+        for task in [*key_tasks, *warm, *(t for t in (spf_task, arc_task) if t is not None)]:
             task.cancel()
         raise
 
@@ -689,6 +710,12 @@ async def verify_message(
     if settings.dmarc:
         report.dmarc_authors = await _evaluate_dmarc(resolver, report, authors, author_error)
         report.dmarc = report.dmarc_authors[0]
+        if report.dmarc.result == "fail" and report.arc is not None and len(authors) == 1:
+            # A trusted sealer vouches for one author domain; with several authors there
+            # is no override (it must never cover an author domain nobody vouched for).
+            report.dmarc_override = arc_mod.trusted_override(
+                report.arc, settings.arc_trusted_sealers, authors[0]
+            )
     report.elapsed = time.perf_counter() - started
     return report
 
@@ -733,8 +760,15 @@ def matched_actions(
     or sp= for a subdomain) is reject / quarantine; "dmarc.fail" applies to any DMARC fail.
     """
     keys = [f"{method}.{result}" for method, result in report.method_results().items()]
+    if report.dmarc_override:  # a trusted ARC sealer vouched for the author domain
+        keys = [key for key in keys if key != "dmarc.fail"]
     dmarc = report.dmarc
-    if dmarc is not None and dmarc.result == "fail" and dmarc.policy in ("quarantine", "reject"):
+    if (
+        dmarc is not None
+        and dmarc.result == "fail"
+        and dmarc.policy in ("quarantine", "reject")
+        and not report.dmarc_override
+    ):
         keys.append(f"dmarc.{dmarc.policy}")
     return [(key, settings.actions[key]) for key in keys if key in settings.actions]
 
@@ -744,8 +778,9 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
 
     In order:
     - reject_fail: 550 when the sender's published policy says reject: DMARC fails and p=
-      (sp= for a subdomain) is reject; or DomainKeys o=- without a passing first-party
-      signature (not when the policy or key is in testing mode).
+      (sp= for a subdomain) is reject, unless a trusted ARC sealer overrides it; or
+      DomainKeys o=- without a passing first-party signature (not when the policy or key is
+      in testing mode).
     - reject_error: 451 on a temporary error that could change the outcome: no DKIM or
       DomainKeys signature passed and one hit a temperror, or DMARC itself is temperror.
     - `settings.actions` ("method.result" -> action, see `matched_actions`); the most severe
@@ -769,7 +804,12 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
         )
     dmarc = report.dmarc
     if settings.reject_fail:
-        if dmarc is not None and dmarc.result == "fail" and dmarc.policy == "reject":
+        if (
+            dmarc is not None
+            and dmarc.result == "fail"
+            and dmarc.policy == "reject"
+            and not report.dmarc_override
+        ):
             return Decision(
                 "reject",
                 f"550 5.7.1 Message rejected: DMARC policy of {dmarc.from_domain} "

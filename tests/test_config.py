@@ -503,7 +503,7 @@ def test_toml_outbound(tmp_path: Path) -> None:
         ),
         (
             'mode = "out"\n[[sign]]\nmatch = "a.example"\n[[sign.signature]]\ntype = "dk"\n',
-            "sign[0].signature[0].type: expected 'dkim' or 'domainkeys'",
+            "sign[0].signature[0].type: expected 'dkim', 'domainkeys' or 'arc'",
         ),
         ('mode = "out"\nrelay_timeout = "soon"\n', "relay_timeout:"),
         ('mode = "out"\nmax_message_size = "huge"\n', "max_message_size: expected a size"),
@@ -580,7 +580,7 @@ def test_toml_inbound_actions_and_command_line_override(tmp_path: Path) -> None:
     ("actions", "expected"),
     [
         ('dkim.fial = "reject"', "unknown dkim result 'fial'"),
-        ('arc.fail = "reject"', "unknown method 'arc'"),
+        ('bimi.fail = "reject"', "unknown method 'bimi'"),
         ('dkim.fail = "bounce"', "expected one of accept, tempfail, reject"),
     ],
 )

@@ -277,6 +277,7 @@ def test_unsigned_message_is_dkim_none(clean_dns: DNSServer) -> None:
     assert parse_ar(header, AUTHSERV, keep_dk_none=True) == [
         ("dkim", "none", {}),
         ("domainkeys", "none", {}),
+        ("arc", "none", {}),
     ]
 
 
@@ -597,7 +598,7 @@ def test_signatures_beyond_the_cap_are_reported_unchecked(
     assert report.signatures[6].domain == domain
     assert report.signature_result == "pass"
     parsed = check_header(report)
-    assert [m for m, _r, _p in parsed] == ["dkim"] * 7 + ["domainkeys"]  # domainkeys=none
+    assert [m for m, _r, _p in parsed] == ["dkim"] * 7 + ["domainkeys", "arc"]  # both =none
     # Unchecked signatures never trigger a per-result action.
     assert decide(report, settings(actions={"dkim.policy": "reject"})).action == "accept"
     one = verify(many, clean_dns, max_signatures=1)

@@ -28,6 +28,7 @@ from .tools import missing, require_tool
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PERL_HELPER = os.path.join(HERE, "mail_dkim.pl")
+PERL_ARC_HELPER = os.path.join(HERE, "mail_dkim_arc.pl")
 
 #: DNS target: a running DNSServer, or "host:port" (e.g. DNSServer.blackhole_address()).
 DnsTarget = DNSServer | str
@@ -104,10 +105,12 @@ def _perl() -> str:
     return perl
 
 
-def _run_perl(mode: str, messages: Sequence[bytes], args: Sequence[str]) -> list[dict]:
+def _run_perl(
+    mode: str, messages: Sequence[bytes], args: Sequence[str], helper: str = PERL_HELPER
+) -> list[dict]:
     frames = b"".join(b"%d\n" % len(m) + m for m in messages)
     proc = subprocess.run(
-        [_perl(), PERL_HELPER, mode, *args],
+        [_perl(), helper, mode, *args],
         input=frames,
         capture_output=True,
         timeout=60 + 20 * len(messages),
@@ -197,6 +200,36 @@ def sign_mail_dkim(
     return fields + message
 
 
+def verify_mail_dkim_arc_many(messages: Sequence[bytes], dns: DnsTarget) -> list[dict]:
+    """Mail::DKIM::ARC::Verifier: {"result": pass|fail|none, "detail": ...} per message."""
+    host, port = _host_port(dns)
+    args = ["--host", host, "--port", str(port)]
+    return _run_perl("verify", [to_crlf(m) for m in messages], args, PERL_ARC_HELPER)
+
+
+def seal_mail_dkim_arc(
+    message: bytes,
+    key_path: str,
+    domain: str,
+    selector: str,
+    srvid: str,
+    *,
+    chain: str = "ar",
+) -> bytes:
+    """Seal with Mail::DKIM::ARC::Signer (cv from the `srvid` Authentication-Results' arc=
+    when chain is "ar"); return the message with the ARC set prepended."""
+    args = ["--key", key_path, "--domain", domain, "--selector", selector, "--srvid", srvid]
+    message = to_crlf(message)
+    out = _run_perl("seal", [message], [*args, "--chain", chain], PERL_ARC_HELPER)[0]
+    if "error" in out or out["result"] != "sealed":
+        raise RuntimeError(f"Mail::DKIM::ARC::Signer: {out}")
+    fields = b"".join(
+        h.encode("latin-1").replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n"
+        for h in out["headers"]
+    )
+    return fields + message
+
+
 # ---------------------------------------------------------------------------------------------
 # go-msgauth
 
@@ -279,6 +312,15 @@ def dkimpy_dnsfunc(dns_target: DnsTarget, timeout: float = 5.0) -> Callable[...,
         return b"".join(answer.rrset[0].strings)
 
     return dnsfunc
+
+
+def verify_dkimpy_arc(message: bytes, dns: DnsTarget) -> tuple[str, str]:
+    """dkimpy's arc_verify as (cv, reason); its None ("ARC-Seal[N] reported failure, the chain
+    is terminated") is reported as "terminated" so tests can tell it from fail."""
+    import dkim
+
+    cv, _results, reason = dkim.arc_verify(to_crlf(message), dnsfunc=dkimpy_dnsfunc(dns))
+    return ("terminated" if cv is None else cv.decode()), reason
 
 
 class _ListHandler(logging.Handler):
