@@ -296,19 +296,31 @@ zone:
         self._wait_serial(self._serial, timeout=10)
 
     def _wait_serial(self, serial: int, timeout: float) -> None:
+        """Return once NSD answers with `serial` several times in a row.
+
+        During a reload NSD starts a new server process while the old one can still answer a
+        query or two from the shared socket: one answer with the new serial does not yet mean
+        that the next query (a test's key lookup) sees the new zone.
+        """
         deadline = time.monotonic() + timeout
         query = dns.message.make_query(".", "SOA")
+        in_a_row = 0
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"NSD exited with {self._proc.returncode}")
+            fresh = False
             try:
                 resp = dns.query.udp(query, self.host, port=self.port, timeout=0.3)
-                for rrset in resp.answer:
-                    if rrset.rdtype == dns.rdatatype.SOA and rrset[0].serial == serial:
-                        return
+                fresh = any(
+                    rrset.rdtype == dns.rdatatype.SOA and rrset[0].serial == serial
+                    for rrset in resp.answer
+                )
             except (dns.exception.Timeout, OSError):
                 pass
-            time.sleep(0.02)
+            in_a_row = in_a_row + 1 if fresh else 0
+            if in_a_row >= 5:
+                return
+            time.sleep(0.01 if fresh else 0.02)
         raise TimeoutError(f"NSD did not serve serial {serial} within {timeout}s")
 
     # -- records ----------------------------------------------------------------------------
