@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
@@ -58,7 +59,6 @@ _HLIST_NAME = re.compile(rb"([^\s:]+)\s*:")
 _KV_STRIP = re.compile(r"^\s+|\s*$")
 _KV_SPLIT = re.compile(r"\s*=\s*")
 _B64_DATA = re.compile(r"[A-Za-z0-9+/=]+")
-_NOFWS_HEADER = re.compile(rb"[ \t\r\n]")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"([^\r])\n")
 _LEADING_CRLFS = re.compile(rb"(?:\r\n)+")
@@ -235,7 +235,7 @@ def _canon_header(line: bytes, method: str) -> bytes:
     if line.endswith(b"\r\n"):
         line = line[:-2]
     if method == "nofws":
-        return _NOFWS_HEADER.sub(b"", line) + b"\r\n"
+        return line.translate(None, b" \t\r\n") + b"\r\n"
     return line + b"\r\n"
 
 
@@ -593,8 +593,34 @@ def _bad_key(detail: str) -> _KeyProblem:
     return _KeyProblem("bad format", "permerror", "E", f"public key: {detail}")
 
 
+#: Parsed key records (or why they are unusable), keyed by the record text: a record is a
+#: pure input, so a key rotated in DNS is simply another entry once the resolver's cached
+#: answer has expired.
+_KEY_CACHE: OrderedDict[str, _PublicKey | _KeyProblem] = OrderedDict()
+KEY_CACHE_SIZE = 4096
+
+
 def _load_public_key(record: str | None) -> _PublicKey:
-    """Mail::DKIM::PublicKey->parse + check, with its error words."""
+    """Mail::DKIM::PublicKey->parse + check, with its error words; parsed once per record."""
+    if not record:
+        return _parse_public_key(record)
+    parsed = _KEY_CACHE.get(record)
+    if parsed is None:
+        try:
+            parsed = _parse_public_key(record)
+        except _KeyProblem as problem:
+            parsed = problem
+        _KEY_CACHE[record] = parsed
+        while len(_KEY_CACHE) > KEY_CACHE_SIZE:
+            _KEY_CACHE.popitem(last=False)
+    else:
+        _KEY_CACHE.move_to_end(record)
+    if isinstance(parsed, _KeyProblem):
+        raise _KeyProblem(parsed.status, parsed.result, parsed.code, parsed.detail)
+    return parsed
+
+
+def _parse_public_key(record: str | None) -> _PublicKey:
     if not record:
         raise _KeyProblem("no key", "permerror", "D", "public key: not available")
     try:

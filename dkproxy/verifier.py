@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import re
 import time
@@ -32,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from . import dkim_verify
 from . import dmarc as dmarc_mod
 from . import domainkeys as dk
 from .dnsresolver import Resolver, TxtResult
@@ -216,6 +218,8 @@ class _Pending:
     dkim_tags: dict[bytes, bytes] | None = None
     dkim_position: int = 0
     dk_sig: dk.DKSignature | None = None
+    #: Canonical header fields and body hashes shared by the message's DKIM signatures.
+    hashes: dkim_verify.MessageHashes | None = None
 
 
 def _text(value: bytes | None) -> str | None:
@@ -433,30 +437,22 @@ def _verify_dkim_record(
 ) -> SignatureResult:
     base = pending.base
     tags = pending.dkim_tags
-    assert tags is not None
-    try:
-        key = parse_tag_value(record)
-    except InvalidTagValueList:
+    assert tags is not None and pending.hashes is not None
+    # Parsed once per distinct record (dkim_verify's cache), not once per message.
+    parsed = dkim_verify.key_for(pending.key_name, record)
+    if parsed.tags is None:
         return _finish(base, "permerror", "key record syntax error")
+    key = parsed.tags
     problem = _check_key_tags(key, tags)
     if problem:
         return _finish(base, "permerror", problem)
-    try:
-        _pk, bits, _ktag, _tlsrpt = dkim.evaluate_pk(pending.key_name, record)
-    except Exception as exc:  # KeyFormatError, binascii.Error, ASN.1 errors...
-        return _finish(base, "permerror", f"unusable key ({exc.__class__.__name__})")
+    if parsed.error is not None:
+        return _finish(base, "permerror", f"unusable key ({parsed.error})")
+    bits = parsed.bits
     testing = b"y" in {f.strip().lower() for f in key.get(b"t", b"").split(b":")}
     base = _replace(base, key_bits=bits, testing=testing)
-    verifier = dkim.DKIM(logger=_dkimpy_log, minkey=0)
-    # Hand dkimpy the already parsed header list and body instead of re-parsing the bytes.
-    verifier.headers = [[name, value] for name, value in message.headers]
-    verifier.body = message.body_bytes()
-
-    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes:
-        return record
-
     try:
-        valid = verifier.verify(idx=pending.dkim_position, dnsfunc=dnsfunc)
+        valid = dkim_verify.verify(pending.hashes, pending.dkim_position, tags, parsed)
     except dkim.ValidationError as exc:
         text = _tidy(exc)
         if "body hash mismatch" in text:
@@ -465,7 +461,7 @@ def _verify_dkim_record(
     except dkim.DKIMException as exc:
         return _finish(base, "permerror", _tidy(exc))
     except Exception as exc:
-        log.warning("dkimpy failed on signature by %s: %r", base.domain, exc)
+        log.warning("DKIM verification failed on signature by %s: %r", base.domain, exc)
         return _finish(base, "permerror", f"verification error ({exc.__class__.__name__})")
     if not valid:
         return _finish(base, "fail", "signature did not verify")
@@ -485,6 +481,7 @@ def _verify_dkim_record(
     return _finish(base, "pass", "good signature" + (" (key in testing mode)" if testing else ""))
 
 
+@functools.lru_cache(maxsize=1024)  # once per distinct record, not per message
 def _rsa_bits(record: str) -> int | None:
     """Size of the RSA key in a key record, or None when it cannot be read."""
     match = re.search(r"(?:^|;)\s*p\s*=\s*([A-Za-z0-9+/=\s]+)", record)
@@ -606,6 +603,7 @@ async def verify_message(
     pending: list[_Pending] = []
     dkim_position = 0
     checked = 0
+    hashes: dkim_verify.MessageHashes | None = None
     for index, (name, value) in enumerate(message.headers):
         lname = name.lower()
         if lname not in (DKIM_FIELD, DK_FIELD):
@@ -628,6 +626,8 @@ async def verify_message(
             log.exception("cannot parse %s field %d", method, index)
             prepared = SignatureResult(method, "permerror", index, reason=_internal(exc))
         if isinstance(prepared, _Pending):
+            if prepared.method == "dkim":
+                prepared.hashes = hashes = hashes or dkim_verify.MessageHashes(message)
             pending.append(prepared)
         else:
             results[index] = prepared
