@@ -78,6 +78,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@lru_cache(maxsize=4096)  # a pure function of the name; asked several times per message
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label (the domain itself if it is a suffix)."""
     domain = domain.strip().rstrip(".").lower()
@@ -102,6 +103,7 @@ def aligned(domain: str, from_domain: str, mode: Alignment) -> bool:
     return a == b or organizational_domain(a) == organizational_domain(b)
 
 
+@lru_cache(maxsize=1024)  # parsed once per record text, not once per message
 def parse_record(text: str) -> DmarcRecord:
     """Parse a DMARC TXT record; DmarcRecordError when RFC 7489 6.6.3 says ignore it."""
     tags: dict[str, str] = {}

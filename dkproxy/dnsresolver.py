@@ -198,6 +198,19 @@ class Resolver:
         answer = await self.query(name, "TXT")
         return TxtResult(answer.status, tuple(answer.records), answer.detail)
 
+    def txt_future(self, name: str) -> asyncio.Future[TxtResult]:
+        """`txt(name)` started now: an already-finished future when the answer is cached (no
+        task, no trip through the event loop), else a task doing the lookup."""
+        entry = self._cache.get((_normalise(name), "TXT"))
+        if entry is not None and entry.expires > time.monotonic():
+            self._cache.move_to_end((_normalise(name), "TXT"))
+            self.stats.hits += 1
+            answer = entry.answer
+            done: asyncio.Future[TxtResult] = asyncio.get_running_loop().create_future()
+            done.set_result(TxtResult(answer.status, tuple(answer.records), answer.detail))
+            return done
+        return asyncio.ensure_future(self.txt(name))
+
     async def a(self, name: str) -> DnsAnswer:
         return await self.query(name, "A")
 
