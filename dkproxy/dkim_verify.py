@@ -8,7 +8,7 @@ ASN.1 on every call. Here:
   a record that changes in DNS is a new entry, so a rotated key is used as soon as the
   resolver's cached answer expires (its TTL);
 - the canonical header fields and body hashes are computed once per message and shared by
-  every signature with the same canonicalization and hash;
+  every signature with the same canonicalization and hash (`dkim_canon.MessageHashes`);
 - the RSA check is OpenSSL's (`cryptography`), with dkimpy's acceptance rules: the signature
   is read as an integer modulo n and the recovered EMSA-PKCS1-v1_5 DigestInfo must equal the
   one dkimpy builds (RFC 8017 9.2, with the NULL parameter). Ed25519 (RFC 8463) is checked by
@@ -21,23 +21,17 @@ from __future__ import annotations
 import base64
 import re
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import dkim
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from dkim.canonicalization import (
-    CanonicalizationPolicy,
-    InvalidCanonicalizationPolicyError,
-    Relaxed,
-    Simple,
-)
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.crypto import HASH_ALGORITHMS, DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from dkproxy.message import Message
+from dkproxy.dkim_canon import MessageHashes
 
 #: DER DigestInfo prefixes with the NULL parameter, as dkimpy builds them (RFC 8017 9.2).
 _DIGEST_INFO = {
@@ -48,9 +42,6 @@ _DIGEST_INFO = {
 _OPENSSL_MIN_BITS = 1024
 _WSP = re.compile(rb"\s+")
 _H_SPLIT = re.compile(rb"\s*:\s*")
-#: dkim.RE_BTAG's language: "b", FWS, "=", base64 with FWS between characters, and a final
-#: CRLF when the value ends the field.
-_BTAG = re.compile(rb"([;\s]b\s*=)(?:\s*[a-zA-Z0-9+/=]+(?:\s+[a-zA-Z0-9+/=]+)*)?(?:\r?\n\Z)?")
 #: Distinct key records kept parsed; a record is a few hundred bytes.
 KEY_CACHE_SIZE = 4096
 
@@ -127,83 +118,6 @@ def _parse_key(name: str, record: bytes) -> DKIMKey:
         except (ValueError, TypeError):
             openssl = None  # OpenSSL refuses the numbers: dkimpy's arithmetic decides
     return DKIMKey(tags, None, bits, ktag, pk, openssl, modulus)
-
-
-def strip_b(value: bytes) -> bytes:
-    """The signature field value with b='s value removed, as dkimpy's `RE_BTAG.sub` does.
-
-    dkimpy's pattern nests optional FWS groups around every base64 character, which costs
-    ~40 us per signature; this one matches the same strings (FWS there is any run of
-    white space) in a tenth of the time. tests/test_dkim_verify.py compares the two.
-    """
-    return _BTAG.sub(b"\\1", value)
-
-
-class MessageHashes:
-    """What every DKIM signature of one message shares: parsed header list, canonical
-    header fields per header canonicalization, body digests per (canonicalization, hash,
-    l=)."""
-
-    __slots__ = ("_bodies", "_digests", "_names_by", "headers", "message", "signatures")
-
-    def __init__(self, message: Message) -> None:
-        self.message = message
-        self.headers = message.headers
-        #: The DKIM-Signature fields in order: dkimpy's `idx` counts these.
-        self.signatures = [(n, v) for n, v in message.headers if n.lower() == b"dkim-signature"]
-        self._names_by: dict[bytes, list[tuple[bytes, int]]] = {}
-        self._bodies: dict[bytes, bytes] = {}
-        self._digests: dict[tuple[bytes, str, int | None], bytes] = {}
-
-    def _names(self, policy: CanonicalizationPolicy) -> list[tuple[bytes, int]]:
-        """(canonical field name, index) per field: what dkimpy's selection compares."""
-        algorithm = policy.header_algorithm
-        names = self._names_by.get(algorithm.name)
-        if names is None:
-            if algorithm is Relaxed:  # Relaxed.canonicalize_headers: lower(), rstrip()
-                names = [(n.lower().rstrip(), i) for i, (n, _v) in enumerate(self.headers)]
-            elif algorithm is Simple:
-                names = [(n, i) for i, (n, _v) in enumerate(self.headers)]
-            else:
-                canonical = policy.canonicalize_headers(self.headers)
-                names = [(n, i) for i, (n, _v) in enumerate(canonical)]
-            self._names_by[algorithm.name] = names
-        return names
-
-    def hash_headers(
-        self,
-        hasher: Any,
-        policy: CanonicalizationPolicy,
-        include: list[bytes],
-        sig_header: tuple[bytes, bytes],
-    ) -> None:
-        """`dkim.hash_headers` on this message: dkimpy's selection and canonicalization,
-        applied to the selected fields only rather than to the whole header block."""
-        selected = dkim.select_headers(self._names(policy), include)
-        fields = policy.canonicalize_headers([self.headers[i] for _n, i in selected])
-        signature = policy.canonicalize_headers([(sig_header[0], strip_b(sig_header[1]))])
-        # The signature field is hashed without its final CRLF (RFC 6376 3.7).
-        for name, value in [*fields, *[(n, v.rstrip()) for n, v in signature]]:
-            hasher.update(name)
-            hasher.update(b":")
-            hasher.update(value)
-
-    def body_digest(
-        self, policy: CanonicalizationPolicy, hasher: Callable[[], Any], length: int | None
-    ) -> bytes:
-        name = policy.body_algorithm.name
-        probe = hasher()
-        key = (name, probe.name, length)
-        digest = self._digests.get(key)
-        if digest is None:
-            body = self._bodies.get(name)
-            if body is None:
-                body = policy.canonicalize_body(self.message.body_bytes())
-                self._bodies[name] = body
-            probe.update(body if length is None else body[:length])
-            digest = probe.digest()
-            self._digests[key] = digest
-        return digest
 
 
 def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: DKIMKey) -> bool:

@@ -22,7 +22,7 @@ import functools
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Literal
@@ -424,37 +424,50 @@ def domain_matches(identity_domain: str, signing_domain: str) -> bool:
 # Signing
 
 
-def _wanted(name: bytes, patterns: Sequence[str]) -> bool:
-    if b";" in name:  # cannot be listed in h= (it would end the tag)
-        return False
-    lname = name.decode("latin-1").lower()
-    for pattern in patterns:
-        p = pattern.lower()
-        if (p.endswith("*") and lname.startswith(p[:-1])) or lname == p:
-            return True
-    return False
+@functools.lru_cache(maxsize=64)
+def _header_matcher(patterns: tuple[str, ...]) -> Callable[[bytes], bool]:
+    """A test "is this field name signed?" for a configured list, built once per list."""
+    exact = frozenset(p.lower() for p in patterns)
+    prefixes = tuple(p.lower()[:-1] for p in patterns if p.endswith("*"))
+
+    @functools.lru_cache(maxsize=512)
+    def wanted(name: bytes) -> bool:
+        if b";" in name:  # cannot be listed in h= (it would end the tag)
+            return False
+        lname = name.decode("latin-1").lower()
+        return lname in exact or lname.startswith(prefixes)
+
+    return wanted
 
 
-def _fold(fixed_tags: list[str], h_names: list[str], b64: str) -> bytes:
-    """Build the folded field: tags separated by '; ', lines broken before FOLD_COLUMN with
-    CRLF TAB; h= may break before a colon and b= anywhere (Mail::DKIM strips that FWS)."""
+@functools.lru_cache(maxsize=256)
+def _fold_start(fixed_tags: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """The folded lines (and the open last line) after the fixed tags, which depend on the
+    configuration only."""
     lines: list[str] = []
     line = FIELD_NAME + ":"
-
-    def put(token: str, sep: str) -> None:
-        nonlocal line
-        if len(line) + len(sep) + len(token) > FOLD_COLUMN and line.strip():
-            lines.append(line)
-            line = "\t" + token
-        else:
-            line += sep + token
-
     for tag in fixed_tags:
-        put(tag + ";", " ")
-    h_tokens = [("h=" if i == 0 else ":") + name for i, name in enumerate(h_names)]
-    for i, token in enumerate(h_tokens):
-        put(token + (";" if i == len(h_tokens) - 1 else ""), " " if i == 0 else "")
-    put("b=", " ")
+        lines, line = _put(lines, line, tag + ";", " ")
+    return tuple(lines), line
+
+
+def _put(lines: list[str], line: str, token: str, sep: str) -> tuple[list[str], str]:
+    if len(line) + len(sep) + len(token) > FOLD_COLUMN and line.strip():
+        lines.append(line)
+        return lines, "\t" + token
+    return lines, line + sep + token
+
+
+def _fold(fixed_tags: tuple[str, ...], h_names: list[str], b64: str) -> bytes:
+    """Build the folded field: tags separated by '; ', lines broken before FOLD_COLUMN with
+    CRLF TAB; h= may break before a colon and b= anywhere (Mail::DKIM strips that FWS)."""
+    start, line = _fold_start(fixed_tags)
+    lines = list(start)
+    last = len(h_names) - 1
+    for i, name in enumerate(h_names):
+        token = ("h=" if i == 0 else ":") + name + (";" if i == last else "")
+        lines, line = _put(lines, line, token, " " if i == 0 else "")
+    lines, line = _put(lines, line, "b=", " ")
     pos = 0
     while pos < len(b64):
         room = FOLD_COLUMN - len(line)
@@ -512,8 +525,8 @@ def sign(
     if sender_domain is None or not domain_matches(sender_domain, domain):
         raise DomainKeysError(f"sender {rfc_sender[1]} is not in d={domain} or a subdomain of it")
 
-    patterns = DEFAULT_SIGNED_HEADERS if headers is None else tuple(headers)
-    signed = [(n, v) for n, v in message.headers if _wanted(n, patterns)]
+    wanted = _header_matcher(DEFAULT_SIGNED_HEADERS if headers is None else tuple(headers))
+    signed = [(n, v) for n, v in message.headers if wanted(n)]
     signed_names = {n.lower() for n, _v in signed}
     for name, label in ((b"sender", "Sender"), (b"from", "From")):
         present = any(n.lower() == name for n, _v in message.headers)
@@ -533,13 +546,7 @@ def sign(
         )
     digest = _digest(parts)
     signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA1()))
-    fixed = [
-        "a=rsa-sha1",
-        f"c={canonicalization}",
-        f"d={domain}",
-        f"s={selector}",
-        "q=dns",
-    ]
+    fixed = ("a=rsa-sha1", f"c={canonicalization}", f"d={domain}", f"s={selector}", "q=dns")
     return _fold(fixed, h_names, base64.b64encode(signature).decode("ascii"))
 
 
