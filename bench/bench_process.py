@@ -10,6 +10,7 @@ holds. Every DNS answer the verifier needs is in its resolver's cache before tim
     python bench/bench_process.py                      # 3 KB, 100 KB, 1 MB
     python bench/bench_process.py --sizes 3000 --seconds 2 --rounds 5
     python bench/bench_process.py --profile in --sizes 3000    # cProfile of the verifier
+    python bench/bench_process.py --tree /tmp/old             # another revision's dkproxy/
 
 Outbound: `OutboundSigner` from a `dkproxy out` command line with DKIM rsa-sha256 relaxed and
 DomainKeys nofws (one RSA-2048 key): "beyond RSA" is its cost minus two RSA signatures.
@@ -37,7 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# --tree DIR: time the dkproxy/ package found in DIR (e.g. another revision unpacked with
+# `git archive REV dkproxy | tar -x -C DIR`), so two revisions can be compared in one session.
+_early = argparse.ArgumentParser(add_help=False)
+_early.add_argument("--tree", type=Path, default=ROOT)
+TREE = _early.parse_known_args()[0].tree.resolve()
+sys.path.insert(0, str(TREE))
 
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils  # noqa: E402
@@ -142,17 +148,27 @@ def build(workdir: Path, sizes: list[int]) -> Setup:
     return Setup(rsa_sign, sign, verify, signed, unsigned)
 
 
-def per_call(function: Callable[[], object], seconds: float) -> float:
-    """Seconds per call of `function`, run for about `seconds` (at least 3 calls)."""
-    calls = 0
-    started = time.perf_counter()
-    deadline = started + seconds
-    while True:
-        function()
-        calls += 1
-        now = time.perf_counter()
-        if now >= deadline and calls >= 3:
-            return (now - started) / calls
+def sample_ratios(
+    rsa_sign: Callable[[], object], work: Callable[[], object], seconds: float
+) -> tuple[list[float], list[float]]:
+    """(work / RSA ratios, RSA seconds) from many small samples, each an RSA signature timed
+    right next to one call of `work`, so both see the same machine state; the median of
+    the samples shrugs off the moments the process was preempted."""
+    ratios: list[float] = []
+    rsa_times: list[float] = []
+    clock = time.perf_counter
+    deadline = clock() + seconds
+    while clock() < deadline or len(ratios) < 5:
+        t0 = clock()
+        rsa_sign()
+        rsa_sign()
+        t1 = clock()
+        work()
+        t2 = clock()
+        rsa_time = (t1 - t0) / 2
+        rsa_times.append(rsa_time)
+        ratios.append((t2 - t1) / rsa_time)
+    return ratios, rsa_times
 
 
 def measure(setup: Setup, sizes: list[int], seconds: float, rounds: int) -> None:
@@ -160,26 +176,33 @@ def measure(setup: Setup, sizes: list[int], seconds: float, rounds: int) -> None
     ratios: dict[tuple[str, int], list[float]] = {}
     for _ in range(rounds):
         for size in sizes:
-            # RSA right before each measured piece of work: both see the same machine state.
             for name, work, data in (
                 ("out", setup.sign, setup.unsigned[size]),
                 ("in", setup.verify, setup.signed[size]),
             ):
-                rsa_time = per_call(setup.rsa_sign, seconds / 4)
-                cost = per_call(functools.partial(work, data), seconds)
-                rsa_times.append(rsa_time)
-                ratios.setdefault((name, size), []).append(cost / rsa_time)
+                samples, rsa = sample_ratios(setup.rsa_sign, functools.partial(work, data), seconds)
+                rsa_times += rsa
+                ratios.setdefault((name, size), []).extend(samples)
     rsa_ms = statistics.median(rsa_times) * 1000
     print(
         f"RSA-2048 signature (cryptography, this run): median {rsa_ms:.3f} ms "
-        f"(min {min(rsa_times) * 1000:.3f}, max {max(rsa_times) * 1000:.3f})"
+        f"(quartiles {_quartiles(rsa_times, 1000)} ms)"
     )
-    print(f"per message, in RSA-2048 signature times (median of {rounds} rounds):")
-    print(f"  {'size':>9}  {'outbound':>9}  {'beyond 2 RSA':>12}  {'inbound':>8}")
+    print("per message, in RSA-2048 signature times (median and quartiles of the samples):")
+    print(f"  {'size':>9}  {'outbound':>18}  {'beyond 2 RSA':>12}  {'inbound':>18}")
     for size in sizes:
-        out = statistics.median(ratios[("out", size)])
-        inbound = statistics.median(ratios[("in", size)])
-        print(f"  {size:>8}B  {out:9.2f}  {out - 2:12.2f}  {inbound:8.2f}")
+        out = ratios[("out", size)]
+        inbound = ratios[("in", size)]
+        print(
+            f"  {size:>8}B  {statistics.median(out):6.2f} ({_quartiles(out)})"
+            f"  {statistics.median(out) - 2:12.2f}"
+            f"  {statistics.median(inbound):6.2f} ({_quartiles(inbound)})"
+        )
+
+
+def _quartiles(values: list[float], scale: float = 1.0) -> str:
+    q = statistics.quantiles(values, n=4)
+    return f"{q[0] * scale:.2f}-{q[2] * scale:.2f}"
 
 
 def profile(setup: Setup, which: str, size: int, seconds: float, limit: int) -> None:
@@ -206,9 +229,10 @@ def main() -> int:
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[3000, 100_000, 1_000_000])
     parser.add_argument("--seconds", type=float, default=1.0, help="per measured piece")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every size")
     parser.add_argument("--profile", choices=["in", "out"], help="cProfile instead of timing")
     parser.add_argument("--limit", type=int, default=30, help="profile lines shown")
+    parser.add_argument("--tree", type=Path, default=ROOT, help="directory holding dkproxy/")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="dkproxy-bench-process-") as tmp:
         setup = build(Path(tmp), args.sizes)
@@ -217,8 +241,9 @@ def main() -> int:
             profile(setup, args.profile, size, args.seconds * 3, args.limit)
         return 0
     print(
-        f"dkproxy processing cost, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
-        "outbound DKIM rsa-sha256 + DomainKeys nofws, inbound DKIM + DomainKeys + SPF + DMARC"
+        f"dkproxy processing cost ({TREE}), {os.cpu_count()} CPUs, Python "
+        f"{sys.version.split()[0]}; outbound DKIM rsa-sha256 + DomainKeys nofws, inbound "
+        "DKIM + DomainKeys + SPF + DMARC"
     )
     measure(setup, args.sizes, args.seconds, args.rounds)
     return 0
