@@ -161,15 +161,18 @@ class DNSServer:
     def workdir(self) -> str:
         return self._dir
 
-    def start(self) -> DNSServer:
-        """Start NSD and wait until it answers; retries on a lost race for the port."""
+    def start(self, port: int | None = None) -> DNSServer:
+        """Start NSD and wait until it answers; retries on a lost race for the port.
+
+        `port` fixes the port (53 inside a private network namespace, for programs that
+        only read /etc/resolv.conf); by default a free one is picked."""
         self._nsd = require_tool("nsd")
         require_tool("nsd-checkzone")
         self._dir = tempfile.mkdtemp(prefix="dkproxy-nsd-")
         self._write_zone()
         last_error = ""
         for _ in range(3):
-            self.port = free_udp_tcp_port()
+            self.port = port or free_udp_tcp_port()
             conf = self._write_conf("nsd.conf", self.port, "main")
             log = open(os.path.join(self._dir, "nsd-main.out"), "wb")  # noqa: SIM115
             self._proc = subprocess.Popen(
