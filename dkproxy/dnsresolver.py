@@ -198,14 +198,21 @@ class Resolver:
         answer = await self.query(name, "TXT")
         return TxtResult(answer.status, tuple(answer.records), answer.detail)
 
+    def cached(self, name: str, rdtype: str) -> DnsAnswer | None:
+        """The cached answer for name/type while it is fresh, else None (no lookup starts)."""
+        key = (_normalise(name), rdtype.upper())
+        entry = self._cache.get(key)
+        if entry is None or entry.expires <= time.monotonic():
+            return None
+        self._cache.move_to_end(key)
+        self.stats.hits += 1
+        return entry.answer
+
     def txt_future(self, name: str) -> asyncio.Future[TxtResult]:
         """`txt(name)` started now: an already-finished future when the answer is cached (no
         task, no trip through the event loop), else a task doing the lookup."""
-        entry = self._cache.get((_normalise(name), "TXT"))
-        if entry is not None and entry.expires > time.monotonic():
-            self._cache.move_to_end((_normalise(name), "TXT"))
-            self.stats.hits += 1
-            answer = entry.answer
+        answer = self.cached(name, "TXT")
+        if answer is not None:
             done: asyncio.Future[TxtResult] = asyncio.get_running_loop().create_future()
             done.set_result(TxtResult(answer.status, tuple(answer.records), answer.detail))
             return done

@@ -2,8 +2,9 @@
 
 pyspf evaluates records correctly (macros, include/redirect, lookup and void limits) but is
 synchronous and does its DNS through the module-level function `spf.DNSLookup(name, qtype,
-strict, timeout)`. We keep pyspf's evaluator and replace only that hook: the check runs in a
-worker thread, and the hook hands each query to the event loop's caching `Resolver` and waits
+strict, timeout)`. We keep pyspf's evaluator and replace only that hook. When every answer it
+needs is in the resolver's cache, the check runs right on the event loop; otherwise it runs in
+a worker thread, and the hook hands each query to the event loop's caching `Resolver` and waits
 for the answer. Which resolver a lookup belongs to travels in a context variable, so concurrent
 checks (and any other pyspf user in the process, which keeps pyspf's own DNS) never mix.
 
@@ -47,6 +48,7 @@ NO_LOOKUP_TTL = 300.0
 _UNKEYED_MACRO = re.compile(rb"%\{[slt]", re.IGNORECASE)
 
 _Lookup = Callable[[str, str], list[tuple[tuple[str, str], Any]]]
+_QTYPES = frozenset({"TXT", "A", "AAAA", "MX", "PTR"})
 _BRIDGE: contextvars.ContextVar[_Lookup | None] = contextvars.ContextVar(
     "dkproxy_spf_bridge", default=None
 )
@@ -95,13 +97,26 @@ class _Reuse:
         self.expires = expires if self.expires is None else min(self.expires, expires)
 
 
+def _records(name: str, qtype: str, answer: DnsAnswer) -> list[tuple[tuple[str, str], Any]]:
+    """An answer in the form pyspf's DNSLookup returns."""
+    if answer.status == "temperror":
+        raise pyspf.TempError(f"DNS {name}/{qtype}: {answer.detail}")
+    key = (name, qtype)
+    if qtype == "TXT":
+        # pyspf joins the strings of each record itself; hand it one string per record.
+        return [(key, [record]) for record in answer.records]
+    return [(key, value) for value in answer.records]
+
+
 def _make_bridge(resolver: Resolver, loop: asyncio.AbstractEventLoop, reuse: _Reuse) -> _Lookup:
+    """Lookups from the worker thread, answered by the event loop's resolver."""
+
     async def query(name: str, qtype: str) -> tuple[DnsAnswer, float | None]:
         answer = await resolver.query(name, qtype)
         return answer, resolver.expires(name, qtype)
 
     def lookup(name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
-        if qtype not in ("TXT", "A", "AAAA", "MX", "PTR"):
+        if qtype not in _QTYPES:
             return []  # type SPF (99) is only asked in pyspf's "harsh" mode, which we don't use
         future = asyncio.run_coroutine_threadsafe(query(name, qtype), loop)
         try:
@@ -111,15 +126,48 @@ def _make_bridge(resolver: Resolver, loop: asyncio.AbstractEventLoop, reuse: _Re
             reuse.keep = False
             raise pyspf.TempError(f"DNS {name}/{qtype}: {exc}") from exc
         reuse.saw(qtype, answer, expires)
-        if answer.status == "temperror":
-            raise pyspf.TempError(f"DNS {name}/{qtype}: {answer.detail}")
-        key = (name, qtype)
-        if qtype == "TXT":
-            # pyspf joins the strings of each record itself; hand it one string per record.
-            return [(key, [record]) for record in answer.records]
-        return [(key, value) for value in answer.records]
+        return _records(name, qtype, answer)
 
     return lookup
+
+
+class _NotCached(Exception):
+    """A lookup the resolver's cache cannot answer: evaluate in the worker thread instead."""
+
+
+class _CachedBridge:
+    """Lookups answered from the resolver's cache only, on the event loop. `missed` is set
+    on the first miss, even where pyspf swallows the exception (its exp= lookup does)."""
+
+    def __init__(self, resolver: Resolver, reuse: _Reuse) -> None:
+        self.resolver = resolver
+        self.reuse = reuse
+        self.missed = False
+
+    def __call__(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
+        if qtype not in _QTYPES:
+            return []
+        answer = self.resolver.cached(name, qtype)
+        if answer is None:
+            self.missed = True
+            raise _NotCached(f"{name}/{qtype}")
+        self.reuse.saw(qtype, answer, self.resolver.expires(name, qtype))
+        return _records(name, qtype, answer)
+
+
+def _check_on_loop(query: Any, resolver: Resolver, reuse: _Reuse) -> tuple[str, int, str] | None:
+    """Run pyspf here, without a thread hop, if every answer it needs is cached; else None.
+
+    pyspf is pure computation once the answers are at hand, bounded by its lookup limits
+    (RFC 7208 4.6.4), so running it on the loop costs less than handing it to a thread."""
+    bridge = _CachedBridge(resolver, reuse)
+    context = contextvars.copy_context()
+    context.run(_BRIDGE.set, bridge)
+    try:
+        outcome: tuple[str, int, str] = context.run(query.check)
+    except _NotCached:
+        return None
+    return None if bridge.missed else outcome
 
 
 def _domain_of(identity: str) -> str:
@@ -160,16 +208,23 @@ async def check_spf(
     kept = resolver.derived(cache_key)
     if isinstance(kept, SpfResult):
         return kept if kept.identity == identity else replace(kept, identity=identity)
-    query = pyspf.query(
-        i=ip, s=sender, h=helo_name, receiver=receiver, strict=True, querytime=total_timeout
-    )
-    loop = asyncio.get_running_loop()
-    reuse = _Reuse()
+
+    def new_query() -> Any:
+        return pyspf.query(
+            i=ip, s=sender, h=helo_name, receiver=receiver, strict=True, querytime=total_timeout
+        )
+
     started = time.monotonic()
-    context = contextvars.copy_context()
-    context.run(_BRIDGE.set, _make_bridge(resolver, loop, reuse))
+    reuse = _Reuse()
     try:
-        result, _code, explanation = await loop.run_in_executor(_EXECUTOR, context.run, query.check)
+        outcome = _check_on_loop(new_query(), resolver, reuse)
+        if outcome is None:  # an answer is not cached: the thread waits for the network
+            loop = asyncio.get_running_loop()
+            reuse = _Reuse()
+            context = contextvars.copy_context()
+            context.run(_BRIDGE.set, _make_bridge(resolver, loop, reuse))
+            outcome = await loop.run_in_executor(_EXECUTOR, context.run, new_query().check)
+        result, _code, explanation = outcome
     except Exception as exc:  # pyspf bug or unexpected input: never lose the message over SPF
         log.warning("SPF evaluation failed for %s from %s: %s", identity, ip, exc)
         result, explanation = "temperror", f"internal error: {exc}"

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from dkproxy import spf as spf_module
 from dkproxy.dnsresolver import Resolver
 from dkproxy.spf import SpfResult, check_spf
 from tests.support.dnsserver import DNSServer
@@ -149,3 +152,38 @@ def test_spf_temperror_is_not_kept(clean_dns: DNSServer) -> None:
     asked = _lookups(resolver)
     assert _check(resolver, "192.0.2.1", "x@slow.spf.test").result == "temperror"
     assert _lookups(resolver) > asked  # evaluated again (from the resolver's brief cache)
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    """The SPF worker pool, counting the evaluations handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.submitted = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_spf_from_cached_answers_needs_no_thread(
+    clean_dns: DNSServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean_dns.publish({
+        "loop.spf.test": ["v=spf1 include:_net.loop.spf.test -all"],
+        "_net.loop.spf.test": ["v=spf1 ip4:192.0.2.0/28 ~all"],
+    })  # fmt: skip
+    pool = _CountingExecutor()
+    monkeypatch.setattr(spf_module, "_EXECUTOR", pool)
+    resolver = Resolver(clean_dns.address, timeout=2)
+    assert _check(resolver, "192.0.2.1", "a@loop.spf.test").result == "pass"
+    assert pool.submitted == 1  # the answers had to come from the network
+    # Other clients: other results, all from the answers now cached, on the event loop.
+    assert _check(resolver, "192.0.2.2", "a@loop.spf.test").result == "pass"
+    assert _check(resolver, "198.51.100.1", "b@loop.spf.test").result == "fail"
+    assert _check(resolver, "192.0.2.3", "a@loop.spf.test", "mail.loop.test").result == "pass"
+    assert pool.submitted == 1
+    # A domain not looked up yet goes to the thread again.
+    assert _check(resolver, "192.0.2.1", "a@other.loop.spf.test").result == "none"
+    assert pool.submitted == 2
+    pool.shutdown()
