@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
+import nacl.exceptions  # dkimpy's own Ed25519 dependency (libsodium)
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
@@ -158,8 +159,6 @@ def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: D
                 raise dkim.KeyFormatError(f"digest too large for modulus: {exc}") from exc
         return _rsa_check(key, signature, header_hash.name, header_hash.digest())
     if key.ktag == b"ed25519":
-        import nacl.exceptions  # dkimpy's own Ed25519 dependency (libsodium)
-
         try:
             key.dkimpy_key.verify(header_hash.digest(), signature)
         except nacl.exceptions.BadSignatureError:
