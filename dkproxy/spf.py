@@ -174,6 +174,129 @@ def _domain_of(identity: str) -> str:
     return identity.rpartition("@")[2].rstrip(".").lower()
 
 
+@dataclass(frozen=True)
+class _Check:
+    """One SPF check to make: the inputs pyspf gets and what the result will be keyed by."""
+
+    ip: str
+    sender: str
+    helo: str
+    receiver: str
+    total_timeout: float
+
+    @property
+    def scope(self) -> SpfScope:
+        return "mailfrom" if self.sender else "helo"
+
+    @property
+    def identity(self) -> str:
+        return self.sender if self.sender else self.helo
+
+    @property
+    def cache_key(self) -> tuple[str, ...]:
+        # Keyed on the domain exactly as pyspf reads it (after the first "@", split_email).
+        checked_domain = self.sender.split("@", 1)[1].lower() if self.sender else ""
+        return ("spf", self.ip, checked_domain, self.helo.lower(), self.receiver)
+
+    def query(self) -> Any:
+        return pyspf.query(
+            i=self.ip, s=self.sender, h=self.helo, receiver=self.receiver, strict=True,
+            querytime=self.total_timeout,
+        )  # fmt: skip
+
+    def result(self, outcome: tuple[str, int, str]) -> SpfResult:
+        result, _code, explanation = outcome
+        value: SpfValue = result if result in _VALUES else "permerror"
+        identity = self.identity
+        return SpfResult(
+            value, self.scope, _domain_of(identity), identity, self.ip, str(explanation or "")
+        )
+
+
+def _make_check(
+    client_ip: str, mail_from: str | None, helo: str | None, receiver: str, total_timeout: float
+) -> _Check | None:
+    try:
+        ip = str(ipaddress.ip_address(client_ip.strip().strip("[]").removeprefix("IPv6:")))
+    except ValueError:
+        log.info("SPF skipped: bad client address %r", client_ip)
+        return None
+    sender = (mail_from or "").strip().strip("<>")
+    helo_name = (helo or "").strip().rstrip(".")
+    if sender and "@" not in sender:
+        sender = "postmaster@" + sender  # RFC 7208 4.3: a bare domain means postmaster@
+    if not sender and not helo_name:
+        return None
+    return _Check(ip, sender, helo_name, receiver, total_timeout)
+
+
+def _failed(check: _Check, exc: Exception) -> tuple[str, int, str]:
+    # A pyspf bug or unexpected input: never lose the message over SPF.
+    log.warning("SPF evaluation failed for %s from %s: %s", check.identity, check.ip, exc)
+    return "temperror", 0, f"internal error: {exc}"
+
+
+def _keep(
+    resolver: Resolver, check: _Check, result: SpfResult, reuse: _Reuse, started: float
+) -> None:
+    if reuse.keep and result.result != "temperror":
+        expires = reuse.expires if reuse.expires is not None else started + NO_LOOKUP_TTL
+        resolver.keep_derived(check.cache_key, result, min(expires, started + MAX_RESULT_TTL))
+
+
+async def _check_in_thread(resolver: Resolver, check: _Check, started: float) -> SpfResult:
+    """pyspf in a worker thread, its lookups answered by the resolver on this loop."""
+    loop = asyncio.get_running_loop()
+    reuse = _Reuse()
+    context = contextvars.copy_context()
+    context.run(_BRIDGE.set, _make_bridge(resolver, loop, reuse))
+    try:
+        outcome = await loop.run_in_executor(_EXECUTOR, context.run, check.query().check)
+    except Exception as exc:
+        outcome = _failed(check, exc)
+        reuse.keep = False
+    result = check.result(outcome)
+    _keep(resolver, check, result, reuse, started)
+    return result
+
+
+def start_spf_check(
+    resolver: Resolver,
+    client_ip: str,
+    mail_from: str | None,
+    helo: str | None,
+    *,
+    receiver: str = "unknown",
+    total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
+) -> asyncio.Future[SpfResult | None]:
+    """`check_spf` started now: a finished future when the result is kept or every answer
+    is cached (evaluated right here, no task, no thread), else a task."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[SpfResult | None] = loop.create_future()
+    check = _make_check(client_ip, mail_from, helo, receiver, total_timeout)
+    if check is None:
+        done.set_result(None)
+        return done
+    kept = resolver.derived(check.cache_key)
+    if isinstance(kept, SpfResult):
+        identity = check.identity
+        done.set_result(kept if kept.identity == identity else replace(kept, identity=identity))
+        return done
+    started = time.monotonic()
+    reuse = _Reuse()
+    try:
+        outcome = _check_on_loop(check.query(), resolver, reuse)
+    except Exception as exc:
+        outcome = _failed(check, exc)
+        reuse.keep = False
+    if outcome is None:  # an answer is not cached: the thread waits for the network
+        return asyncio.ensure_future(_check_in_thread(resolver, check, started))
+    result = check.result(outcome)
+    _keep(resolver, check, result, reuse, started)
+    done.set_result(result)
+    return done
+
+
 async def check_spf(
     resolver: Resolver,
     client_ip: str,
@@ -188,53 +311,9 @@ async def check_spf(
     Returns None when there is no identity to check (null sender and no HELO) or the client
     address is unusable; the caller then reports no SPF result rather than a made-up one.
     """
-    try:
-        ip = str(ipaddress.ip_address(client_ip.strip().strip("[]").removeprefix("IPv6:")))
-    except ValueError:
-        log.info("SPF skipped: bad client address %r", client_ip)
-        return None
-    sender = (mail_from or "").strip().strip("<>")
-    helo_name = (helo or "").strip().rstrip(".")
-    if sender and "@" not in sender:
-        sender = "postmaster@" + sender  # RFC 7208 4.3: a bare domain means postmaster@
-    if not sender and not helo_name:
-        return None
-    scope: SpfScope = "mailfrom" if sender else "helo"
-    identity = sender if sender else helo_name
-    domain = _domain_of(identity)
-    # Keyed on the domain exactly as pyspf reads it (after the first "@", split_email).
-    checked_domain = sender.split("@", 1)[1].lower() if sender else ""
-    cache_key = ("spf", ip, checked_domain, helo_name.lower(), receiver)
-    kept = resolver.derived(cache_key)
-    if isinstance(kept, SpfResult):
-        return kept if kept.identity == identity else replace(kept, identity=identity)
-
-    def new_query() -> Any:
-        return pyspf.query(
-            i=ip, s=sender, h=helo_name, receiver=receiver, strict=True, querytime=total_timeout
-        )
-
-    started = time.monotonic()
-    reuse = _Reuse()
-    try:
-        outcome = _check_on_loop(new_query(), resolver, reuse)
-        if outcome is None:  # an answer is not cached: the thread waits for the network
-            loop = asyncio.get_running_loop()
-            reuse = _Reuse()
-            context = contextvars.copy_context()
-            context.run(_BRIDGE.set, _make_bridge(resolver, loop, reuse))
-            outcome = await loop.run_in_executor(_EXECUTOR, context.run, new_query().check)
-        result, _code, explanation = outcome
-    except Exception as exc:  # pyspf bug or unexpected input: never lose the message over SPF
-        log.warning("SPF evaluation failed for %s from %s: %s", identity, ip, exc)
-        result, explanation = "temperror", f"internal error: {exc}"
-        reuse.keep = False
-    value: SpfValue = result if result in _VALUES else "permerror"
-    spf_result = SpfResult(value, scope, domain, identity, ip, str(explanation or ""))
-    if reuse.keep and value != "temperror":
-        expires = reuse.expires if reuse.expires is not None else started + NO_LOOKUP_TTL
-        resolver.keep_derived(cache_key, spf_result, min(expires, started + MAX_RESULT_TTL))
-    return spf_result
+    return await start_spf_check(
+        resolver, client_ip, mail_from, helo, receiver=receiver, total_timeout=total_timeout
+    )
 
 
 _VALUES = frozenset({"pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"})

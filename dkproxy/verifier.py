@@ -38,7 +38,7 @@ from . import dmarc as dmarc_mod
 from . import domainkeys as dk
 from .dnsresolver import Resolver, TxtResult
 from .message import Message
-from .spf import SpfResult, check_spf
+from .spf import SpfResult, start_spf_check
 
 log = logging.getLogger(__name__)
 _dkimpy_log = logging.getLogger(__name__ + ".dkimpy")
@@ -645,15 +645,13 @@ async def verify_message(
         warm.append(resolver.txt_future(f"_dmarc.{author}"))
     spf_task: asyncio.Future[SpfResult | None] | None = None
     if settings.spf and client_ip:
-        spf_task = asyncio.ensure_future(
-            check_spf(
-                resolver,
-                client_ip,
-                mail_from,
-                helo,
-                receiver=settings.authserv_id,
-                total_timeout=settings.spf_timeout,
-            )
+        spf_task = start_spf_check(
+            resolver,
+            client_ip,
+            mail_from,
+            helo,
+            receiver=settings.authserv_id,
+            total_timeout=settings.spf_timeout,
         )
     try:
         # The lookups run concurrently already; awaiting them in turn (not gather) costs no
