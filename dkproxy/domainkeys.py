@@ -63,6 +63,7 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"([^\r])\n")
 _LEADING_CRLFS = re.compile(rb"(?:\r\n)+")
 _BARE_LF_ANYWHERE = re.compile(rb"(?<!\r)\n")
+_UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
 class DomainKeysError(Exception):
@@ -394,15 +395,14 @@ def sender_identity(message: Message) -> tuple[str, str] | None:
     return _identity_of([_field_line(n, v) for n, v in message.headers])
 
 
-def _rfc_sender(fields: list[bytes]) -> tuple[str, str] | None:
-    """The RFC 4870 sender of the given fields (last Sender with an address, else last From),
-    read from the whole, unfolded value: what other verifiers and our key choice use."""
+def _rfc_sender(headers: list[list[bytes]]) -> tuple[str, str] | None:
+    """The RFC 4870 sender of the given [name, value] fields (last Sender with an address,
+    else last From), read from the whole, unfolded value: what other verifiers and our key
+    choice use."""
     for name in (b"sender", b"from"):
-        values = [
-            line.split(b":", 1)[1] for line in fields if line.split(b":", 1)[0].lower() == name
-        ]
+        values = [value for field_name, value in headers if field_name.lower() == name]
         if values:
-            unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", values[-1])
+            unfolded = _UNFOLD.sub(b"", values[-1])
             address = _first_address(unfolded)
             if address:
                 return name.decode("ascii"), address
@@ -518,7 +518,7 @@ def sign(
         raise DomainKeysError("bare LF in the header block: convert the message to CRLF first")
 
     all_fields = [_field_line(n, v) for n, v in message.headers]
-    rfc_sender = _rfc_sender(all_fields)
+    rfc_sender = _rfc_sender(message.headers)
     if rfc_sender is None:
         raise DomainKeysError("no sender: the message has no Sender or From address")
     sender_domain = _domain_of(rfc_sender[1])
