@@ -231,3 +231,19 @@ def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
     table = markdown(_run_with(700, 25, 30, 250))
     assert "| 3 KB | 8 | - | - | 700 | - |" in table
     assert "| NO |" in table
+
+
+def test_bench_process_runs_and_checks_its_verdicts() -> None:
+    """bench_process.py times real work: its messages verify (DKIM, DomainKeys, SPF, DMARC
+    pass) and it prints a ratio per size and direction."""
+    result = subprocess.run(
+        [sys.executable, "bench_process.py", "--sizes", "3000", "--seconds", "0.05",
+         "--rounds", "1"],
+        cwd=__file__.rpartition("/")[0], capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "RSA-2048 signature" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if line.strip().startswith("3000B"))
+    outbound, inbound = float(row.split()[1]), float(row.split()[-2])
+    assert outbound > 1 and inbound > 0  # outbound includes two RSA signatures (noisy: > 1)

@@ -9,6 +9,7 @@ the digest with dkimpy's pieces and hand only the digest to OpenSSL.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import re
 import time
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from dkim import hash_headers
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
+from dkproxy.dkim_canon import MessageHashes
 from dkproxy.keys import SigningKey
 from dkproxy.message import BODY_CHUNK, Message
 
@@ -82,13 +83,15 @@ class DKIMParams:
 
 
 class BodyHashCache:
-    """Body hashes per canonicalization: several signatures of one message share one pass."""
+    """Body hashes per canonicalization, and the canonical header fields: several
+    signatures of one message share one pass over each."""
 
-    __slots__ = ("_hashes", "_message")
+    __slots__ = ("_hashes", "_message", "headers")
 
     def __init__(self, message: Message) -> None:
         self._message = message
         self._hashes: dict[bytes, bytes] = {}
+        self.headers = MessageHashes(message)
 
     def get(self, policy: CanonicalizationPolicy) -> bytes:
         body_algorithm = policy.body_algorithm.name
@@ -133,40 +136,65 @@ def body_hash(message: Message, relaxed: bool, chunk_size: int = BODY_CHUNK) -> 
     return hasher.digest()
 
 
+@functools.lru_cache(maxsize=256)
+def _wanted_names(headers: tuple[str, ...] | None) -> frozenset[bytes]:
+    wanted = headers if headers is not None else DEFAULT_SIGNED_HEADERS
+    return frozenset(name.lower().encode("ascii") for name in wanted) - NEVER_SIGNED
+
+
 def header_list(message: Message, params: DKIMParams) -> list[bytes]:
     """The h= list: each wanted field once per occurrence, plus one more for oversigned ones."""
-    wanted = params.headers if params.headers is not None else DEFAULT_SIGNED_HEADERS
-    wanted_set = {name.lower().encode("ascii") for name in wanted}
-    present = [name.lower() for name, _ in message.headers]
-    names = [name for name in present if name in wanted_set and name not in NEVER_SIGNED]
+    wanted = _wanted_names(params.headers)
+    names = [lname for name, _ in message.headers if (lname := name.lower()) in wanted]
     if b"from" not in names:
         raise DKIMSignError("message has no From header field (RFC 6376 requires signing it)")
     names.extend(name.encode("ascii") for name in params.oversign)
     return names
 
 
-def _fold_tags(tokens: Sequence[tuple[str, str]], first_width: int) -> bytes:
-    """Join (separator, text) tokens, folding with CRLF TAB where a line would pass column 76.
+_FoldState = tuple[tuple[str, ...], str, int]
+
+
+def _fold_more(state: _FoldState, tokens: Sequence[tuple[str, str]]) -> _FoldState:
+    """Add (separator, text) tokens to a folding state (finished lines, current line, the
+    column it starts at), folding with CRLF TAB where a line would pass column 76.
 
     Tags are separated by a space, the names of h= by nothing: a fold between them is the
     FWS that RFC 6376 allows around ':'.
     """
-    lines: list[str] = []
-    current = ""
-    width = first_width
+    done, current, width = state
+    lines = list(done)
     for separator, text in tokens:
         if current and width + len(current) + len(separator) + len(text) > 76:
             lines.append(current)
             current, width = text, 8
         else:
             current = current + separator + text if current else text
-    lines.append(current)
-    return "\r\n\t".join(lines).encode("ascii")
+    return tuple(lines), current, width
+
+
+def _folded(state: _FoldState) -> bytes:
+    return "\r\n\t".join([*state[0], state[1]]).encode("ascii")
 
 
 def _fold_b64(value: bytes) -> bytes:
     chunks = [value[i : i + _B64_FOLD] for i in range(0, len(value), _B64_FOLD)]
     return b"\r\n\t".join(chunks)
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_part(
+    algorithm: str, c_value: str, domain: str, identity: str | None, selector: str
+) -> tuple[CanonicalizationPolicy, _FoldState]:
+    """What a signature's parameters alone decide: the policy, and the leading tags (v= to
+    s=) already folded."""
+    policy = CanonicalizationPolicy.from_c_value(c_value.encode("ascii"))
+    tags = ["v=1;", f"a={algorithm};", f"c={policy.to_c_value().decode('ascii')};", f"d={domain};"]
+    if identity:
+        tags.append(f"i={identity};")
+    tags.append(f"s={selector};")
+    start: _FoldState = ((), "", len("DKIM-Signature: "))
+    return policy, _fold_more(start, [(" ", tag) for tag in tags])
 
 
 def sign(
@@ -176,36 +204,29 @@ def sign(
     now: int | None = None,
 ) -> bytes:
     """Return the complete `DKIM-Signature: ...` header field (folded, CRLF-terminated)."""
-    policy = CanonicalizationPolicy.from_c_value(params.canonicalization.encode("ascii"))
+    policy, fixed = _fixed_part(
+        params.algorithm, params.canonicalization, params.domain, params.identity, params.selector
+    )
     if body_hashes is None:
         body_hashes = BodyHashCache(message)
     body_hash = body_hashes.get(policy).decode("ascii")
     include = header_list(message, params)
     timestamp = int(time.time()) if now is None else now
 
-    tags = [
-        "v=1;",
-        f"a={params.algorithm};",
-        f"c={policy.to_c_value().decode('ascii')};",
-        f"d={params.domain};",
-    ]
-    if params.identity:
-        tags.append(f"i={params.identity};")
-    tags += [f"s={params.selector};", f"t={timestamp};"]
+    tokens = [(" ", f"t={timestamp};")]
     if params.expire_seconds:
-        tags.append(f"x={timestamp + params.expire_seconds};")
-    tokens = [(" ", tag) for tag in tags]
+        tokens.append((" ", f"x={timestamp + params.expire_seconds};"))
     names = [name.decode("ascii") for name in include]
     tokens.append((" ", f"h={names[0]}"))
     tokens += [("", f":{name}") for name in names[1:]]
     tokens += [("", ";"), (" ", f"bh={body_hash};")]
     # b= goes on a line of its own, so the hashed form ("...; b=") is a prefix of the result.
-    unsigned_value = b" " + _fold_tags(tokens, len("DKIM-Signature: ")) + b"\r\n\tb="
+    unsigned_value = b" " + _folded(_fold_more(fixed, tokens)) + b"\r\n\tb="
 
     hasher = hashlib.sha256()
-    canonical_headers = policy.canonicalize_headers(message.headers)
-    hash_headers(hasher, policy, canonical_headers, include,
-                 [b"DKIM-Signature", unsigned_value], None)  # fmt: skip
+    # dkim.hash_headers' work (dkimpy's selection and canonicalization), with each field
+    # canonicalized once for all the message's signatures.
+    body_hashes.headers.hash_headers(hasher, policy, include, (b"DKIM-Signature", unsigned_value))
     signature = _sign_digest(params.key, hasher.digest())
     return b"DKIM-Signature:" + unsigned_value + _fold_b64(base64.b64encode(signature)) + b"\r\n"
 

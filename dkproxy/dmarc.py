@@ -79,6 +79,7 @@ def _psl() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+@lru_cache(maxsize=4096)  # a pure function of the name; asked several times per message
 def organizational_domain(domain: str) -> str:
     """RFC 7489 3.2: the public suffix plus one label (the domain itself if it is a suffix).
 
@@ -114,6 +115,7 @@ def _alabels(domain: str) -> str:
     return canonical_domain_or_none(domain) or domain.strip().rstrip(".").lower()
 
 
+@lru_cache(maxsize=1024)  # parsed once per record text, not once per message
 def parse_record(text: str) -> DmarcRecord:
     """Parse a DMARC TXT record; DmarcRecordError when RFC 7489 6.6.3 says ignore it."""
     tags: dict[str, str] = {}

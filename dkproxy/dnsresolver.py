@@ -15,7 +15,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -165,6 +165,7 @@ class Resolver:
         self.stats = CacheStats()
         self._cache: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
+        self._derived: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
         self._resolver = self._make_resolver(server, timeout)
 
     @staticmethod
@@ -196,6 +197,26 @@ class Resolver:
     async def txt(self, name: str) -> TxtResult:
         answer = await self.query(name, "TXT")
         return TxtResult(answer.status, tuple(answer.records), answer.detail)
+
+    def cached(self, name: str, rdtype: str) -> DnsAnswer | None:
+        """The cached answer for name/type while it is fresh, else None (no lookup starts)."""
+        key = (_normalise(name), rdtype.upper())
+        entry = self._cache.get(key)
+        if entry is None or entry.expires <= time.monotonic():
+            return None
+        self._cache.move_to_end(key)
+        self.stats.hits += 1
+        return entry.answer
+
+    def txt_future(self, name: str) -> asyncio.Future[TxtResult]:
+        """`txt(name)` started now: an already-finished future when the answer is cached (no
+        task, no trip through the event loop), else a task doing the lookup."""
+        answer = self.cached(name, "TXT")
+        if answer is not None:
+            done: asyncio.Future[TxtResult] = asyncio.get_running_loop().create_future()
+            done.set_result(TxtResult(answer.status, tuple(answer.records), answer.detail))
+            return done
+        return asyncio.ensure_future(self.txt(name))
 
     async def a(self, name: str) -> DnsAnswer:
         return await self.query(name, "A")
@@ -242,11 +263,40 @@ class Resolver:
         self._store(key, answer, ttl)
         return answer
 
+    def expires(self, name: str, rdtype: str) -> float | None:
+        """When (time.monotonic()) the cached answer for name/type expires; None if none is
+        cached. Lets callers keep results derived from answers no longer than the answers."""
+        entry = self._cache.get((_normalise(name), rdtype.upper()))
+        return entry.expires if entry is not None else None
+
     def cache_size(self) -> int:
         return len(self._cache)
 
     def clear_cache(self) -> None:
         self._cache.clear()
+        self._derived.clear()
+
+    def derived(self, key: Hashable) -> Any | None:
+        """A value computed from DNS answers (see `keep_derived`), while it is fresh."""
+        item = self._derived.get(key)
+        if item is None:
+            return None
+        if item[0] <= time.monotonic():
+            del self._derived[key]
+            return None
+        self._derived.move_to_end(key)
+        return item[1]
+
+    def keep_derived(self, key: Hashable, value: Any, expires: float) -> None:
+        """Keep `value`, computed from cached answers, until `expires` (time.monotonic()):
+        callers pass the earliest expiry of the answers it was computed from, so it is
+        recomputed when any of them is looked up again (RFC 1035 TTL semantics)."""
+        if self.max_cache == 0 or expires <= time.monotonic():
+            return
+        self._derived[key] = (expires, value)
+        self._derived.move_to_end(key)
+        while len(self._derived) > self.max_cache:
+            self._derived.popitem(last=False)
 
     def preload(self, name: str, rdtype: str, answer: DnsAnswer, ttl: float) -> None:
         """Put an answer in the cache (benchmarks and tests that must not depend on DNS)."""

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Literal
@@ -55,14 +57,13 @@ Status = Literal[
 # the first LF and `$` only matches at the very end: a folded From/Sender never matches.
 _IDENTITY_LINE = re.compile(rb"(from|sender)\s*:(.*)$", re.IGNORECASE)
 _HLIST_NAME = re.compile(rb"([^\s:]+)\s*:")
-_KV_STRIP = re.compile(r"^\s+|\s*$")
-_KV_SPLIT = re.compile(r"\s*=\s*")
+_FWS_CHARS = str.maketrans("", "", "\r\n \t")
 _B64_DATA = re.compile(r"[A-Za-z0-9+/=]+")
-_NOFWS_HEADER = re.compile(rb"[ \t\r\n]")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"([^\r])\n")
 _LEADING_CRLFS = re.compile(rb"(?:\r\n)+")
 _BARE_LF_ANYWHERE = re.compile(rb"(?<!\r)\n")
+_UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
 class DomainKeysError(Exception):
@@ -106,16 +107,19 @@ def _parse_tag_list(text: str) -> dict[str, str]:
     surrounding whitespace; later duplicates win; a tag without '=' is a syntax error."""
     tags: dict[str, str] = {}
     for raw_tag in text.split(";"):
-        tag = _KV_STRIP.sub("", raw_tag)
+        # str.strip() and partition() give what the regexes ^\s+|\s*$ and \s*=\s* give
+        # (the same white space: str.isspace), without a regex call per tag.
+        tag = raw_tag.strip()
         if not tag:
             continue
-        parts = _KV_SPLIT.split(tag, maxsplit=1)
-        if len(parts) != 2:
+        name, equals, value = tag.partition("=")
+        if not equals:
             raise DomainKeysError("bad format: syntax error")
-        tags[parts[0]] = parts[1]
+        tags[name.rstrip()] = value.lstrip()
     return tags
 
 
+@functools.lru_cache(maxsize=1024)  # one sender's h= is the same on every message
 def _header_list(value: str | None) -> tuple[str, ...] | None:
     """Mail::DKIM's headerlist(): whitespace next to colons removed, lower-cased, split."""
     if value is None:
@@ -139,9 +143,8 @@ def parse_signature(value: bytes) -> DKSignature:
     text = value.decode("latin-1")
     if text.endswith("\r\n"):
         text = text[:-2]
-    prefix = re.match(r"domainkey-signature:", text, re.IGNORECASE)
-    if prefix:
-        text = text[prefix.end() :]
+    if text[:20].lower() == "domainkey-signature:":
+        text = text[20:]
     tags = _parse_tag_list(text)
     a = tags.get("a")
     algorithm = a.lower() if a else "rsa-sha1"
@@ -164,7 +167,7 @@ def parse_signature(value: bytes) -> DKSignature:
     s = tags.get("s")
     if s is None:
         raise DomainKeysError("bad format: missing s tag")
-    b64 = re.sub(r"[\r\n \t]", "", tags.get("b") or "")
+    b64 = (tags.get("b") or "").translate(_FWS_CHARS)
     if not b64:
         raise DomainKeysError("bad format: missing b tag")
     try:
@@ -235,7 +238,7 @@ def _canon_header(line: bytes, method: str) -> bytes:
     if line.endswith(b"\r\n"):
         line = line[:-2]
     if method == "nofws":
-        return _NOFWS_HEADER.sub(b"", line) + b"\r\n"
+        return line.translate(None, b" \t\r\n") + b"\r\n"
     return line + b"\r\n"
 
 
@@ -355,6 +358,7 @@ def _lc(text: str) -> str:
     return text.encode("latin-1", "replace").lower().decode("latin-1")
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function; the same From recurs in floods
 def _first_address(content: bytes) -> str | None:
     """The first address of a field value, as Mail::Address->parse(...)[0]->address would."""
     text = content.decode("latin-1").strip()
@@ -391,15 +395,14 @@ def sender_identity(message: Message) -> tuple[str, str] | None:
     return _identity_of([_field_line(n, v) for n, v in message.headers])
 
 
-def _rfc_sender(fields: list[bytes]) -> tuple[str, str] | None:
-    """The RFC 4870 sender of the given fields (last Sender with an address, else last From),
-    read from the whole, unfolded value: what other verifiers and our key choice use."""
+def _rfc_sender(headers: list[list[bytes]]) -> tuple[str, str] | None:
+    """The RFC 4870 sender of the given [name, value] fields (last Sender with an address,
+    else last From), read from the whole, unfolded value: what other verifiers and our key
+    choice use."""
     for name in (b"sender", b"from"):
-        values = [
-            line.split(b":", 1)[1] for line in fields if line.split(b":", 1)[0].lower() == name
-        ]
+        values = [value for field_name, value in headers if field_name.lower() == name]
         if values:
-            unfolded = re.sub(rb"\r?\n(?=[ \t])", b"", values[-1])
+            unfolded = _UNFOLD.sub(b"", values[-1])
             address = _first_address(unfolded)
             if address:
                 return name.decode("ascii"), address
@@ -421,37 +424,50 @@ def domain_matches(identity_domain: str, signing_domain: str) -> bool:
 # Signing
 
 
-def _wanted(name: bytes, patterns: Sequence[str]) -> bool:
-    if b";" in name:  # cannot be listed in h= (it would end the tag)
-        return False
-    lname = name.decode("latin-1").lower()
-    for pattern in patterns:
-        p = pattern.lower()
-        if (p.endswith("*") and lname.startswith(p[:-1])) or lname == p:
-            return True
-    return False
+@functools.lru_cache(maxsize=64)
+def _header_matcher(patterns: tuple[str, ...]) -> Callable[[bytes], bool]:
+    """A test "is this field name signed?" for a configured list, built once per list."""
+    exact = frozenset(p.lower() for p in patterns)
+    prefixes = tuple(p.lower()[:-1] for p in patterns if p.endswith("*"))
+
+    @functools.lru_cache(maxsize=512)
+    def wanted(name: bytes) -> bool:
+        if b";" in name:  # cannot be listed in h= (it would end the tag)
+            return False
+        lname = name.decode("latin-1").lower()
+        return lname in exact or lname.startswith(prefixes)
+
+    return wanted
 
 
-def _fold(fixed_tags: list[str], h_names: list[str], b64: str) -> bytes:
-    """Build the folded field: tags separated by '; ', lines broken before FOLD_COLUMN with
-    CRLF TAB; h= may break before a colon and b= anywhere (Mail::DKIM strips that FWS)."""
+@functools.lru_cache(maxsize=256)
+def _fold_start(fixed_tags: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """The folded lines (and the open last line) after the fixed tags, which depend on the
+    configuration only."""
     lines: list[str] = []
     line = FIELD_NAME + ":"
-
-    def put(token: str, sep: str) -> None:
-        nonlocal line
-        if len(line) + len(sep) + len(token) > FOLD_COLUMN and line.strip():
-            lines.append(line)
-            line = "\t" + token
-        else:
-            line += sep + token
-
     for tag in fixed_tags:
-        put(tag + ";", " ")
-    h_tokens = [("h=" if i == 0 else ":") + name for i, name in enumerate(h_names)]
-    for i, token in enumerate(h_tokens):
-        put(token + (";" if i == len(h_tokens) - 1 else ""), " " if i == 0 else "")
-    put("b=", " ")
+        lines, line = _put(lines, line, tag + ";", " ")
+    return tuple(lines), line
+
+
+def _put(lines: list[str], line: str, token: str, sep: str) -> tuple[list[str], str]:
+    if len(line) + len(sep) + len(token) > FOLD_COLUMN and line.strip():
+        lines.append(line)
+        return lines, "\t" + token
+    return lines, line + sep + token
+
+
+def _fold(fixed_tags: tuple[str, ...], h_names: list[str], b64: str) -> bytes:
+    """Build the folded field: tags separated by '; ', lines broken before FOLD_COLUMN with
+    CRLF TAB; h= may break before a colon and b= anywhere (Mail::DKIM strips that FWS)."""
+    start, line = _fold_start(fixed_tags)
+    lines = list(start)
+    last = len(h_names) - 1
+    for i, name in enumerate(h_names):
+        token = ("h=" if i == 0 else ":") + name + (";" if i == last else "")
+        lines, line = _put(lines, line, token, " " if i == 0 else "")
+    lines, line = _put(lines, line, "b=", " ")
     pos = 0
     while pos < len(b64):
         room = FOLD_COLUMN - len(line)
@@ -502,15 +518,15 @@ def sign(
         raise DomainKeysError("bare LF in the header block: convert the message to CRLF first")
 
     all_fields = [_field_line(n, v) for n, v in message.headers]
-    rfc_sender = _rfc_sender(all_fields)
+    rfc_sender = _rfc_sender(message.headers)
     if rfc_sender is None:
         raise DomainKeysError("no sender: the message has no Sender or From address")
     sender_domain = _domain_of(rfc_sender[1])
     if sender_domain is None or not domain_matches(sender_domain, domain):
         raise DomainKeysError(f"sender {rfc_sender[1]} is not in d={domain} or a subdomain of it")
 
-    patterns = DEFAULT_SIGNED_HEADERS if headers is None else tuple(headers)
-    signed = [(n, v) for n, v in message.headers if _wanted(n, patterns)]
+    wanted = _header_matcher(DEFAULT_SIGNED_HEADERS if headers is None else tuple(headers))
+    signed = [(n, v) for n, v in message.headers if wanted(n)]
     signed_names = {n.lower() for n, _v in signed}
     for name, label in ((b"sender", "Sender"), (b"from", "From")):
         present = any(n.lower() == name for n, _v in message.headers)
@@ -530,13 +546,7 @@ def sign(
         )
     digest = _digest(parts)
     signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA1()))
-    fixed = [
-        "a=rsa-sha1",
-        f"c={canonicalization}",
-        f"d={domain}",
-        f"s={selector}",
-        "q=dns",
-    ]
+    fixed = ("a=rsa-sha1", f"c={canonicalization}", f"d={domain}", f"s={selector}", "q=dns")
     return _fold(fixed, h_names, base64.b64encode(signature).decode("ascii"))
 
 
@@ -593,8 +603,34 @@ def _bad_key(detail: str) -> _KeyProblem:
     return _KeyProblem("bad format", "permerror", "E", f"public key: {detail}")
 
 
+#: Parsed key records (or why they are unusable), keyed by the record text: a record is a
+#: pure input, so a key rotated in DNS is simply another entry once the resolver's cached
+#: answer has expired.
+_KEY_CACHE: OrderedDict[str, _PublicKey | _KeyProblem] = OrderedDict()
+KEY_CACHE_SIZE = 4096
+
+
 def _load_public_key(record: str | None) -> _PublicKey:
-    """Mail::DKIM::PublicKey->parse + check, with its error words."""
+    """Mail::DKIM::PublicKey->parse + check, with its error words; parsed once per record."""
+    if not record:
+        return _parse_public_key(record)
+    parsed = _KEY_CACHE.get(record)
+    if parsed is None:
+        try:
+            parsed = _parse_public_key(record)
+        except _KeyProblem as problem:
+            parsed = problem
+        _KEY_CACHE[record] = parsed
+        while len(_KEY_CACHE) > KEY_CACHE_SIZE:
+            _KEY_CACHE.popitem(last=False)
+    else:
+        _KEY_CACHE.move_to_end(record)
+    if isinstance(parsed, _KeyProblem):
+        raise _KeyProblem(parsed.status, parsed.result, parsed.code, parsed.detail)
+    return parsed
+
+
+def _parse_public_key(record: str | None) -> _PublicKey:
     if not record:
         raise _KeyProblem("no key", "permerror", "D", "public key: not available")
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import re
 import time
@@ -32,6 +33,7 @@ from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizatio
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from . import arc as arc_mod
+from . import dkim_verify
 from . import dmarc as dmarc_mod
 from . import domainkeys as dk
 from .addresses import canonical_domain_or_none
@@ -39,7 +41,7 @@ from .authors import author_domains, evaluate_authors
 from .bodylength import uncovered_body
 from .dnsresolver import Resolver, TxtResult
 from .message import Message
-from .spf import SpfResult, check_spf
+from .spf import SpfResult, start_spf_check
 
 log = logging.getLogger(__name__)
 _dkimpy_log = logging.getLogger(__name__ + ".dkimpy")
@@ -243,6 +245,8 @@ class _Pending:
     dkim_tags: dict[bytes, bytes] | None = None
     dkim_position: int = 0
     dk_sig: dk.DKSignature | None = None
+    #: Canonical header fields and body hashes shared by the message's DKIM signatures.
+    hashes: dkim_verify.MessageHashes | None = None
 
 
 def _text(value: bytes | None) -> str | None:
@@ -468,30 +472,22 @@ def _verify_dkim_record(
 ) -> SignatureResult:
     base = pending.base
     tags = pending.dkim_tags
-    assert tags is not None
-    try:
-        key = parse_tag_value(record)
-    except InvalidTagValueList:
+    assert tags is not None and pending.hashes is not None
+    # Parsed once per distinct record (dkim_verify's cache), not once per message.
+    parsed = dkim_verify.key_for(pending.key_name, record)
+    if parsed.tags is None:
         return _finish(base, "permerror", "key record syntax error")
+    key = parsed.tags
     problem = _check_key_tags(key, tags)
     if problem:
         return _finish(base, "permerror", problem)
-    try:
-        _pk, bits, _ktag, _tlsrpt = dkim.evaluate_pk(pending.key_name, record)
-    except Exception as exc:  # KeyFormatError, binascii.Error, ASN.1 errors...
-        return _finish(base, "permerror", f"unusable key ({exc.__class__.__name__})")
+    if parsed.error is not None:
+        return _finish(base, "permerror", f"unusable key ({parsed.error})")
+    bits = parsed.bits
     testing = b"y" in {f.strip().lower() for f in key.get(b"t", b"").split(b":")}
     base = _replace(base, key_bits=bits, testing=testing)
-    verifier = dkim.DKIM(logger=_dkimpy_log, minkey=0)
-    # Hand dkimpy the already parsed header list and body instead of re-parsing the bytes.
-    verifier.headers = [[name, value] for name, value in message.headers]
-    verifier.body = message.body_bytes()
-
-    def dnsfunc(name: bytes | str, timeout: float = 5) -> bytes:
-        return record
-
     try:
-        valid = verifier.verify(idx=pending.dkim_position, dnsfunc=dnsfunc)
+        valid = dkim_verify.verify(pending.hashes, pending.dkim_position, tags, parsed)
     except dkim.ValidationError as exc:
         text = _tidy(exc)
         if "body hash mismatch" in text:
@@ -500,7 +496,7 @@ def _verify_dkim_record(
     except dkim.DKIMException as exc:
         return _finish(base, "permerror", _tidy(exc))
     except Exception as exc:
-        log.warning("dkimpy failed on signature by %s: %r", base.domain, exc)
+        log.warning("DKIM verification failed on signature by %s: %r", base.domain, exc)
         return _finish(base, "permerror", f"verification error ({exc.__class__.__name__})")
     if not valid:
         return _finish(base, "fail", "signature did not verify")
@@ -529,6 +525,7 @@ def _verify_dkim_record(
     return _finish(base, "pass", "good signature" + (" (key in testing mode)" if testing else ""))
 
 
+@functools.lru_cache(maxsize=1024)  # once per distinct record, not per message
 def _rsa_bits(record: str) -> int | None:
     """Size of the RSA key in a key record, or None when it cannot be read."""
     match = re.search(r"(?:^|;)\s*p\s*=\s*([A-Za-z0-9+/=\s]+)", record)
@@ -630,6 +627,7 @@ async def verify_message(
     pending: list[_Pending] = []
     dkim_position = 0
     checked = 0
+    hashes: dkim_verify.MessageHashes | None = None
     for index, (name, value) in enumerate(message.headers):
         lname = name.lower()
         if lname not in (DKIM_FIELD, DK_FIELD):
@@ -652,6 +650,8 @@ async def verify_message(
             log.exception("cannot parse %s field %d", method, index)
             prepared = SignatureResult(method, "permerror", index, reason=_internal(exc))
         if isinstance(prepared, _Pending):
+            if prepared.method == "dkim":
+                prepared.hashes = hashes = hashes or dkim_verify.MessageHashes(message)
             pending.append(prepared)
         else:
             results[index] = prepared
@@ -665,27 +665,27 @@ async def verify_message(
     # Everything that needs DNS starts now and runs concurrently; the DMARC record is only
     # warmed here (its evaluation needs the signature results) and then read from the cache.
     key_names = sorted({p.key_name for p in pending})
-    key_tasks = [asyncio.ensure_future(resolver.txt(n)) for n in key_names]
+    key_tasks = [resolver.txt_future(n) for n in key_names]
     warm: list[asyncio.Future[TxtResult]] = []
     if settings.dmarc:
-        warm.extend(asyncio.ensure_future(resolver.txt(f"_dmarc.{a}")) for a in authors)
+        warm.extend(resolver.txt_future(f"_dmarc.{a}") for a in authors)
     arc_task: asyncio.Future[arc_mod.ArcResult] | None = None
     if settings.arc:
         arc_task = asyncio.ensure_future(arc_mod.verify(message, resolver, settings.min_key_bits))
     spf_task: asyncio.Future[SpfResult | None] | None = None
     if settings.spf and client_ip:
-        spf_task = asyncio.ensure_future(
-            check_spf(
-                resolver,
-                client_ip,
-                mail_from,
-                helo,
-                receiver=settings.authserv_id,
-                total_timeout=settings.spf_timeout,
-            )
+        spf_task = start_spf_check(
+            resolver,
+            client_ip,
+            mail_from,
+            helo,
+            receiver=settings.authserv_id,
+            total_timeout=settings.spf_timeout,
         )
     try:
-        answers = dict(zip(key_names, await asyncio.gather(*key_tasks), strict=True))
+        # The lookups run concurrently already; awaiting them in turn (not gather) costs no
+        # trip through the event loop when they are answered from the cache.
+        answers = {name: await task for name, task in zip(key_names, key_tasks, strict=True)}
         for item in pending:
             answer = answers[item.key_name]
             check = _verify_dkim if item.method == "dkim" else _verify_dk
@@ -699,7 +699,8 @@ async def verify_message(
             report.spf = await spf_task
         if arc_task is not None:
             report.arc = await arc_task
-        await asyncio.gather(*warm)
+        for task in warm:
+            await task
     except BaseException:
         for task in [*key_tasks, *warm, *(t for t in (spf_task, arc_task) if t is not None)]:
             task.cancel()

@@ -161,15 +161,18 @@ class DNSServer:
     def workdir(self) -> str:
         return self._dir
 
-    def start(self) -> DNSServer:
-        """Start NSD and wait until it answers; retries on a lost race for the port."""
+    def start(self, port: int | None = None) -> DNSServer:
+        """Start NSD and wait until it answers; retries on a lost race for the port.
+
+        `port` fixes the port (53 inside a private network namespace, for programs that
+        only read /etc/resolv.conf); by default a free one is picked."""
         self._nsd = require_tool("nsd")
         require_tool("nsd-checkzone")
         self._dir = tempfile.mkdtemp(prefix="dkproxy-nsd-")
         self._write_zone()
         last_error = ""
         for _ in range(3):
-            self.port = free_udp_tcp_port()
+            self.port = port or free_udp_tcp_port()
             conf = self._write_conf("nsd.conf", self.port, "main")
             log = open(os.path.join(self._dir, "nsd-main.out"), "wb")  # noqa: SIM115
             self._proc = subprocess.Popen(
@@ -295,32 +298,30 @@ zone:
         self._proc.send_signal(signal.SIGHUP)
         self._wait_serial(self._serial, timeout=10)
 
-    def _wait_serial(self, serial: int, timeout: float) -> None:
-        """Return once NSD answers with `serial` several times in a row.
-
-        During a reload NSD starts a new server process while the old one can still answer a
-        query or two from the shared socket: one answer with the new serial does not yet mean
-        that the next query (a test's key lookup) sees the new zone.
-        """
+    def _wait_serial(self, serial: int, timeout: float, in_a_row: int = 5) -> None:
+        """Wait until NSD answers with `serial`, `in_a_row` times running: on SIGHUP NSD
+        forks new server processes, and until the old one exits it may still answer from the
+        old zone on the shared socket (a test would then see a record it just replaced)."""
         deadline = time.monotonic() + timeout
         query = dns.message.make_query(".", "SOA")
-        in_a_row = 0
+        seen = 0
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise RuntimeError(f"NSD exited with {self._proc.returncode}")
-            fresh = False
             try:
                 resp = dns.query.udp(query, self.host, port=self.port, timeout=0.3)
-                fresh = any(
+                current = any(
                     rrset.rdtype == dns.rdatatype.SOA and rrset[0].serial == serial
                     for rrset in resp.answer
                 )
+                seen = seen + 1 if current else 0
+                if seen >= in_a_row:
+                    return
+                if current:
+                    continue
             except (dns.exception.Timeout, OSError):
-                pass
-            in_a_row = in_a_row + 1 if fresh else 0
-            if in_a_row >= 5:
-                return
-            time.sleep(0.01 if fresh else 0.02)
+                seen = 0
+            time.sleep(0.02)
         raise TimeoutError(f"NSD did not serve serial {serial} within {timeout}s")
 
     # -- records ----------------------------------------------------------------------------

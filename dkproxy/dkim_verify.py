@@ -1,0 +1,182 @@
+"""DKIM signature verification (RFC 6376 6.1.3): dkimpy's canonicalization, OpenSSL's RSA.
+
+dkimpy decides what is hashed (header selection, canonicalization, the b= removal), exactly
+as `dkim.DKIM.verify` does, but its RSA is pure Python and it parses the public key from
+ASN.1 on every call. Here:
+- a key record is parsed once (by dkimpy's own `evaluate_pk`, so the same records are
+  accepted) and kept with an OpenSSL key object in a small cache keyed by the record's bytes:
+  a record that changes in DNS is a new entry, so a rotated key is used as soon as the
+  resolver's cached answer expires (its TTL);
+- the canonical header fields and body hashes are computed once per message and shared by
+  every signature with the same canonicalization and hash (`dkim_canon.MessageHashes`);
+- the RSA check is OpenSSL's (`cryptography`), with dkimpy's acceptance rules: the signature
+  is read as an integer modulo n and the recovered EMSA-PKCS1-v1_5 DigestInfo must equal the
+  one dkimpy builds (RFC 8017 9.2, with the NULL parameter). Ed25519 (RFC 8463) is checked by
+  the same libsodium call dkimpy makes.
+Keys OpenSSL will not load, and keys under 1024 bits, are verified by dkimpy's own code.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+import nacl.exceptions  # dkimpy's own Ed25519 dependency (libsodium)
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.crypto import HASH_ALGORITHMS, DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from dkproxy.dkim_canon import MessageHashes
+
+#: DER DigestInfo prefixes with the NULL parameter, as dkimpy builds them (RFC 8017 9.2).
+_DIGEST_INFO = {
+    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
+    "sha256": bytes.fromhex("3031300d060960864801650304020105000420"),
+}
+#: Below this size the check stays dkimpy's (such keys are a policy result anyway).
+_OPENSSL_MIN_BITS = 1024
+_WSP = re.compile(rb"\s+")
+_H_SPLIT = re.compile(rb"\s*:\s*")
+#: Distinct key records kept parsed; a record is a few hundred bytes.
+KEY_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class DKIMKey:
+    """One key record, parsed once.
+
+    `tags` is None when the record is not a tag list (`syntax_error`); `error` names the
+    exception dkimpy's `evaluate_pk` raised for an unusable key (then the rest is None).
+    `openssl` is the RSA key for OpenSSL, None when dkimpy's code has to verify.
+    """
+
+    tags: dict[bytes, bytes] | None
+    error: str | None = None
+    bits: int | None = None
+    ktag: bytes | None = None
+    dkimpy_key: Any = None
+    openssl: rsa.RSAPublicKey | None = None
+    modulus: int = 0
+
+    @property
+    def syntax_error(self) -> bool:
+        return self.tags is None
+
+
+class _KeyCache:
+    """A bounded LRU of parsed key records keyed by the record bytes (a pure function)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.parsed = 0
+        self._items: OrderedDict[bytes, DKIMKey] = OrderedDict()
+
+    def get(self, name: str, record: bytes) -> DKIMKey:
+        key = self._items.get(record)
+        if key is not None:
+            self._items.move_to_end(record)
+            return key
+        key = _parse_key(name, record)
+        self.parsed += 1
+        self._items[record] = key
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return key
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+KEYS = _KeyCache(KEY_CACHE_SIZE)
+
+
+def key_for(name: str, record: bytes) -> DKIMKey:
+    """The parsed key record `record` found at `name` (parsed on first sight only)."""
+    return KEYS.get(name, record)
+
+
+def _parse_key(name: str, record: bytes) -> DKIMKey:
+    try:
+        tags = parse_tag_value(record)
+    except InvalidTagValueList:
+        return DKIMKey(None)
+    try:
+        pk, bits, ktag, _tlsrpt = dkim.evaluate_pk(name, record)
+    except Exception as exc:  # KeyFormatError, binascii.Error, ASN.1 errors...
+        return DKIMKey(tags, error=exc.__class__.__name__)
+    openssl = None
+    modulus = 0
+    if ktag == b"rsa" and bits is not None and bits >= _OPENSSL_MIN_BITS:
+        modulus = int(pk["modulus"])
+        try:
+            openssl = rsa.RSAPublicNumbers(int(pk["publicExponent"]), modulus).public_key()
+        except (ValueError, TypeError):
+            openssl = None  # OpenSSL refuses the numbers: dkimpy's arithmetic decides
+    return DKIMKey(tags, None, bits, ktag, pk, openssl, modulus)
+
+
+def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: DKIMKey) -> bool:
+    """Check the `position`-th DKIM-Signature (0 = topmost) of a message against `key`.
+
+    `sig` is the signature's parsed tag list, already through `dkim.validate_signature_fields`;
+    `key` comes from `key_for` and is usable (no syntax error, no `error`). Returns whether
+    the signature verifies. Raises what `dkim.DKIM.verify` raises at the same points:
+    `dkim.ValidationError` ("body hash mismatch ..."), `dkim.MessageFormatError`,
+    `dkim.KeyFormatError` (digest too large for the modulus).
+    """
+    try:
+        policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+    except InvalidCanonicalizationPolicyError as exc:
+        raise dkim.MessageFormatError(f"invalid c= value: {exc.args[0]}") from exc
+    hasher = HASH_ALGORITHMS[sig[b"a"]]
+    length = int(sig[b"l"]) if b"l" in sig else None
+    body_hash = hashes.body_digest(policy, hasher, length)
+    try:
+        expected = base64.b64decode(_WSP.sub(b"", sig[b"bh"]))
+    except TypeError as exc:
+        raise dkim.MessageFormatError(str(exc)) from exc
+    if body_hash != expected:
+        raise dkim.ValidationError(
+            f"body hash mismatch (got {base64.b64encode(body_hash)!r}, expected {sig[b'bh']!r})"
+        )
+    include = [x.lower() for x in _H_SPLIT.split(sig[b"h"])]
+    if b"from" in include:
+        include.append(b"from")  # dkimpy bug#644046: an extra From must break the signature
+    header_hash = hasher()
+    hashes.hash_headers(header_hash, policy, include, hashes.signatures[position])
+    signature = base64.b64decode(_WSP.sub(b"", sig[b"b"]))
+    if key.ktag == b"rsa":
+        if key.openssl is None:
+            try:
+                return bool(RSASSA_PKCS1_v1_5_verify(header_hash, signature, key.dkimpy_key))
+            except (TypeError, DigestTooLargeError) as exc:
+                raise dkim.KeyFormatError(f"digest too large for modulus: {exc}") from exc
+        return _rsa_check(key, signature, header_hash.name, header_hash.digest())
+    if key.ktag == b"ed25519":
+        try:
+            key.dkimpy_key.verify(header_hash.digest(), signature)
+        except nacl.exceptions.BadSignatureError:
+            return False
+        return True
+    raise dkim.UnknownKeyTypeError(key.ktag)
+
+
+def _rsa_check(key: DKIMKey, signature: bytes, hash_name: str, digest: bytes) -> bool:
+    assert key.openssl is not None
+    modlen = (key.modulus.bit_length() + 7) // 8
+    # dkimpy reads the signature as an integer and reduces it modulo n; do the same so that
+    # exactly the same byte strings verify.
+    value = int.from_bytes(signature, "big") % key.modulus
+    try:
+        recovered = key.openssl.recover_data_from_signature(
+            value.to_bytes(modlen, "big"), padding.PKCS1v15(), None
+        )
+    except (InvalidSignature, ValueError):
+        return False
+    return recovered == _DIGEST_INFO[hash_name] + digest
