@@ -15,9 +15,11 @@ names this program.
 
 from __future__ import annotations
 
+# The C modules behind `socket` and `signal`: the Python wrappers import enum, functools and
+# collections, which would cost more than everything else this program does.
+import _signal
+import _socket
 import os
-import signal
-import socket
 import sys
 
 #: qmail-queue exit codes (qmail-queue(8), notqmail qmail.c). 11-40 are permanent; we only
@@ -130,7 +132,7 @@ def encode_reply(code: int, fields: bytes, remove: list[tuple[int, int]], log: s
     return head + fields + log_bytes
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
+def _recv_exact(sock: _socket.socket, size: int) -> bytes:
     chunks: list[bytes] = []
     while size > 0:
         chunk = sock.recv(min(size, _CHUNK))
@@ -146,14 +148,14 @@ def ask_service(
 ) -> tuple[int, bytes, list[tuple[int, int]], str] | None:
     """The service's verdict, or None when no service answers (then work in-process)."""
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     except OSError:
         return None
     try:
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(encode_request(env, sender, message))
-        sock.shutdown(socket.SHUT_WR)
+        sock.shutdown(_socket.SHUT_WR)
         head = b""
         while not head.endswith(b"\n"):
             byte = sock.recv(1)
@@ -213,7 +215,7 @@ def run_queue(
                 (os.POSIX_SPAWN_CLOSE, message_w),
                 (os.POSIX_SPAWN_CLOSE, envelope_w),
             ],
-            setsigdef=(signal.SIGPIPE,),  # Python ignores SIGPIPE; qmail-queue must not
+            setsigdef=(_signal.SIGPIPE,),  # Python ignores SIGPIPE; qmail-queue must not
         )
     except OSError as exc:
         for fd in (message_r, message_w, envelope_r, envelope_w):
