@@ -759,3 +759,54 @@ def test_unparsable_header_is_queued_with_a_verdict(
     assert b"dkim=none" in added_fields(result.queued, message)
     result = run(setup, queue, message, DKIMVERIFY="S")  # no signature seen: S applies
     assert result.code == 13 and result.queued is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+
+
+@pytest.mark.parametrize(
+    ("stored", "wire"),
+    [
+        (b"a\nb\n", b"a\r\nb\r\n"),
+        (b"a\r\nb\n", b"a\r\nb\r\n"),  # a CR already before LF is not doubled
+        (b"a\rb\n", b"a\rb\r\n"),  # a bare CR stays
+        (b"a\r\r\nb", b"a\r\r\nb"),
+        (b"\n\n", b"\r\n\r\n"),
+        (b"no line end", b"no line end"),
+    ],
+)
+def test_wire_form(stored: bytes, wire: bytes) -> None:
+    from tests.support.verifiers import to_crlf
+
+    assert wire_form(stored) == wire == to_crlf(stored)
+
+
+def test_wire_offsets_map_back_to_the_stored_message() -> None:
+    from dkproxy.qmail import _bare_lfs, _original_offset
+
+    stored = b"A: 1\nB: 2\r\nC: 3\nD: 4\n\nbody\n"
+    wire = wire_form(stored)
+    bare = _bare_lfs(stored, len(stored))
+    starts = [0, *(i + 1 for i, byte in enumerate(wire) if byte == 0x0A)]
+    stored_starts = [0, *(i + 1 for i, byte in enumerate(stored) if byte == 0x0A)]
+    assert [_original_offset(bare, w) for w in starts] == stored_starts
+
+
+@pytest.mark.parametrize(
+    ("envelope", "sender"),
+    [(b"Fa@b\0Tc@d\0\0", "a@b"), (b"F\0Tc@d\0Te@f\0\0", ""), (b"Fx\0\0", "x")],
+)
+def test_envelope_sender(envelope: bytes, sender: str) -> None:
+    from dkproxy.qmail_client import envelope_sender
+
+    assert envelope_sender(envelope) == sender
+
+
+def test_letters_verdict() -> None:
+    from dkproxy.qmail_letters import letters_verdict
+
+    assert letters_verdict(["T", "U"], "FGHu") == 82
+    assert letters_verdict(["T", "U"], "Tu") == 13
+    assert letters_verdict(["A"], "BCDEFGHIJKbcdefghijk") == 0
+    assert letters_verdict(["S"], "") == 0
