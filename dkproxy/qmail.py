@@ -156,6 +156,7 @@ class _ConventionPolicy(SigningPolicy):
                 notes.append(f"{variable}: no sender domain (Sender/From): unsigned")
                 continue
             path = pattern.replace("%", sender.domain)
+            self._processor.check_allowed(path)  # before looking: say nothing about others
             if "%" in pattern and not os.path.exists(path):
                 notes.append(f"{variable}: no key {path} for {sender.domain}: unsigned")
                 continue
@@ -210,7 +211,8 @@ class QmailProcessor:
 
     # -- files ---------------------------------------------------------------------------------
 
-    def _allowed(self, path: str) -> str:
+    def check_allowed(self, path: str) -> str:
+        """The resolved path; Refused when it is outside the allowed directories."""
         real = os.path.realpath(path)
         if self.allowed_dirs is not None and not any(
             real == d or real.startswith(d.rstrip("/") + "/") for d in self.allowed_dirs
@@ -226,7 +228,7 @@ class QmailProcessor:
     def key(self, path: str, variable: str) -> SigningKey:
         """The private key at `path` (reloaded when the file changes); _Failure(55) if not
         usable."""
-        real = self._allowed(path)
+        real = self.check_allowed(path)
         try:
             stamp = self._stamp(real)
         except OSError as exc:
@@ -246,7 +248,7 @@ class QmailProcessor:
         return key
 
     def _config(self, path: str) -> OutboundSigner | InboundVerifier:
-        real = self._allowed(path)
+        real = self.check_allowed(path)
         try:
             stamp = self._stamp(real)
         except OSError as exc:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from dkproxy.qmail import wire_form
+from dkproxy.qmail_client import ask_service
 from tests.support.dnsserver import DNSServer
 from tests.support.testkeys import KeySet, dns_record, make_ed25519_key, make_rsa_key
 from tests.support.verifiers import sign_mail_dkim, verify_dkimpy, verify_mail_dkim
@@ -495,7 +496,13 @@ def test_service_refuses_keys_outside_its_directories_and_client_signs_itself(
     outside.mkdir(parents=True)
     shutil.copy(setup.keys / DOMAIN / "default", outside / "default")
     message = lf_message()
-    result = run(setup, queue, message, DKIMSIGN=str(tmp_path / "keys" / "%" / "default"))
+    outside_env = {"DKIMSIGN": str(tmp_path / "keys" / "%" / "default")}
+    # The service answers "not mine" for a key outside its --allow-dir ...
+    assert ask_service(setup.socket, outside_env, "", message, 30) is None
+    inside = ask_service(setup.socket, pct_env(setup, "DKIMSIGN"), "", message, 30)
+    assert inside is not None and inside[0] == 0 and inside[1].startswith(b"DKIM-Signature:")
+    # ... and the wrapper then signs in its own process, with its own permissions.
+    result = run(setup, queue, message, **outside_env)
     assert result.code == 0, result.stderr
     assert result.queued is not None
     assert mail_dkim(setup, result.queued.message) == [("dkim", DOMAIN, "pass")]
