@@ -7,10 +7,13 @@ variant, alternating them round by round (A, B, C, then B, C, A, ...) so that th
 load hits all of them alike, and reports the per-message wall time, the extra time per
 message as the median of the per-round differences, and the peak RSS of the process tree.
 
-Variants: `plain` (qmail-queue itself), `service` (the wrapper, with the service running),
-`in-process` (the wrapper, no service), all signing with DKIM (rsa-sha256) + DomainKeys with
-a 2048-bit key. The queue is /var/qmail/bin/qmail-queue when notqmail is installed (messages
-it queues are removed afterwards; run as root, with qmail-send stopped), else a stand-in
+Variants: `plain` (qmail-queue itself), `python-exec` (a Python script that only execs
+qmail-queue: the floor for any wrapper written in Python), `service` (the console script
+dkproxy-qmail-queue, with the service running), `launcher` (the same through the
+`dkproxy qmail-launcher` program), `in-process` (the console script, no service); the
+wrappers sign with DKIM (rsa-sha256) + DomainKeys and a 2048-bit key. The queue is
+/var/qmail/bin/qmail-queue when notqmail is installed (messages it queues are removed
+afterwards; run as root, with qmail-send stopped), else a stand-in
 that reads fd 0 and fd 1 like it and exits 0. `--inject` goes through qmail-inject instead
 (QMAILQUEUE set), as local mail does.
 
@@ -159,23 +162,27 @@ def main() -> int:
         "DKSIGN": os.path.join(work, "keys", "%", "default"),
         "DKIMSIGN": os.path.join(work, "keys", "%", "default"),
     }
+    launcher = os.path.join(work, "launcher")
+    subprocess.run([sys.executable, "-m", "dkproxy", "qmail-launcher", launcher], check=True)
+    # The floor for any Python wrapper: start the interpreter (with site), exec the queue.
+    floor = os.path.join(work, "python-exec")
+    with open(floor, "w") as handle:
+        handle.write(f"#!{sys.executable}\nimport os\nos.execv({queue!r}, [{queue!r}])\n")
+    os.chmod(floor, 0o755)
+    programs = {
+        "plain": (queue, base_env),
+        "python-exec": (floor, base_env),
+        "service": (wrapper, {**base_env, **sign_env, "DKPROXY_SOCKET": sock}),
+        "launcher": (launcher, {**base_env, **sign_env, "DKPROXY_SOCKET": sock}),
+        "in-process": (wrapper, {**base_env, **sign_env, "DKPROXY_SOCKET": sock + ".absent"}),
+    }
     variants: dict[str, tuple[list[str], dict[str, str]]] = {}
-    if args.inject:
-        inject = [INJECT, "-f", f"bench@{DOMAIN}", "someone@example.net"]
-        variants["plain"] = (inject, {**base_env, "QMAILQUEUE": queue})
-        variants["service"] = (inject, {**base_env, **sign_env, "QMAILQUEUE": wrapper,
-                                        "DKPROXY_SOCKET": sock})  # fmt: skip
-        variants["in-process"] = (inject, {**base_env, **sign_env, "QMAILQUEUE": wrapper,
-                                           "DKPROXY_SOCKET": sock + ".absent"})  # fmt: skip
-    else:
-        variants["plain"] = ([queue], base_env)
-        variants["service"] = ([wrapper], {**base_env, **sign_env, "DKPROXY_SOCKET": sock})
-        variants["in-process"] = ([wrapper], {**base_env, **sign_env,
-                                              "DKPROXY_SOCKET": sock + ".absent"})  # fmt: skip
-    # The floor for any Python wrapper: start the interpreter, exec the queue.
-    floor = f"import os; os.execv({queue!r}, [{queue!r}])"
-    if not args.inject:
-        variants["python-exec"] = ([sys.executable, "-c", floor], base_env)
+    for name, (program, env) in programs.items():
+        if args.inject:
+            inject = [INJECT, "-f", f"bench@{DOMAIN}", "someone@example.net"]
+            variants[name] = (inject, {**env, "QMAILQUEUE": program})
+        else:
+            variants[name] = ([program], env)
     before = queue_files() if real else set()
     samples = {name: Samples() for name in variants}
     names = list(variants)

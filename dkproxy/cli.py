@@ -1,4 +1,4 @@
-"""Command line: `dkproxy out|in|demo|keygen|dnscheck|check-config|qmail-queue|qmail-service`.
+"""Command line: `dkproxy out|in|demo|keygen|dnscheck|check-config|qmail-*`.
 
 `dkproxy out` takes DKIMproxy's own command line (`dkimproxy.out [options] LISTEN RELAY`), so
 an init script written for DKIMproxy keeps working once the program name is changed; the same
@@ -26,6 +26,7 @@ commands:
   check-config  load a configuration, its keys and maps, and print the signing rules
   qmail-queue   QMAILQUEUE wrapper: sign or verify, then run the real qmail-queue
   qmail-service serve dkproxy-qmail-queue over a Unix socket (keys and DNS kept loaded)
+  qmail-launcher write a faster-starting dkproxy-qmail-queue to a given path
 
 Run `dkproxy COMMAND --help` for the options of a command.
 """
@@ -143,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         from dkproxy.qmail_service import main as qmail_service_main
 
         return qmail_service_main(rest)
+    if command == "qmail-launcher":
+        from dkproxy.qmail_service import write_launcher
+
+        return write_launcher(rest)
     if command in ("--version", "version"):
         from dkproxy import __version__
 

@@ -280,6 +280,10 @@ def process(environ: dict[str, str]) -> int:
         timeout = float(environ.get("DKPROXY_SOCKET_TIMEOUT", "60"))
         answer = ask_service(socket_path, env, sender, message, timeout)
     if answer is None:
+        if sys.flags.no_site:
+            import site
+
+            site.main()  # the -S launcher skipped it; dkimpy and friends are in site-packages
         from dkproxy.qmail import process_in_process
 
         answer = process_in_process(env, sender, message)

@@ -229,6 +229,7 @@ def run(
     service: bool = True,
     exit_code: int = 0,
     tmp: Path | None = None,
+    wrapper: list[str] = WRAPPER,
     **env: str,
 ) -> Result:
     """Run the wrapper as qmail does: message on fd 0, envelope on fd 1."""
@@ -248,7 +249,7 @@ def run(
     if tmp is not None:
         full_env["TMPDIR"] = str(tmp)
     with open(workdir / "in.message", "rb") as fd0, open(workdir / "in.envelope", "rb") as fd1:
-        proc = subprocess.run(WRAPPER, stdin=fd0, stdout=fd1, stderr=subprocess.PIPE,
+        proc = subprocess.run(wrapper, stdin=fd0, stdout=fd1, stderr=subprocess.PIPE,
                               env=full_env, timeout=120, check=False)  # fmt: skip
     return Result(proc.returncode, proc.stderr.decode("utf-8", "replace"), queue.queued())
 
@@ -307,6 +308,24 @@ def test_signs_with_dkim_and_domainkeys_verified_by_mail_dkim(
     fields = added_fields(result.queued, message)
     assert field_names(fields) == ["DomainKey-Signature", "DKIM-Signature"]
     assert b"\r" not in fields and b"\n\t" in fields  # qmail's LF, folded with LF TAB
+    assert mail_dkim(setup, result.queued.message) == [
+        ("domainkeys", DOMAIN, "pass"), ("dkim", DOMAIN, "pass")]  # fmt: skip
+
+
+@pytest.mark.parametrize("service", [True, False], ids=["service", "in-process"])
+def test_launcher_signs_like_the_console_script(
+    setup: Setup, queue: StandIn | RealQueue, service: bool, tmp_path: Path
+) -> None:
+    """`dkproxy qmail-launcher PATH` writes a program that starts without site processing;
+    without a service it loads site-packages itself and signs in-process."""
+    launcher = tmp_path / "dkproxy-qmail-queue"
+    subprocess.run([sys.executable, "-m", "dkproxy", "qmail-launcher", str(launcher)], check=True)
+    assert launcher.read_text().startswith(f"#!{sys.executable} -IS\n")
+    message = lf_message()
+    result = run(setup, queue, message, service=service, wrapper=[str(launcher)],
+                 **pct_env(setup))  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert result.queued is not None
     assert mail_dkim(setup, result.queued.message) == [
         ("domainkeys", DOMAIN, "pass"), ("dkim", DOMAIN, "pass")]  # fmt: skip
 
