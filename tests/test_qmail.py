@@ -616,6 +616,21 @@ def test_real_queue_failure_code_is_passed_through(
         assert result.code == 11  # qmail-queue: address too long
 
 
+@pytest.mark.parametrize(("size", "code"), [(2_000, 0), (2_000_000, 53)])
+def test_queue_that_stops_reading_never_gives_success(
+    setup: Setup, tmp_path: Path, size: int, code: int
+) -> None:
+    """A qmail-queue that exits 0 without reading: a message that fit into the pipe is its
+    to judge (0); one it did not take in full is a write error (53), never 0."""
+    queue = StandIn(tmp_path)
+    quitter = tmp_path / "quitter"
+    quitter.write_text("#!/bin/sh\nsleep 1\nexit 0\n")  # after our writes, unread
+    quitter.chmod(0o755)
+    message = lf_message(f"alice@{DOMAIN}", b"z" * size + b"\n")
+    result = run(setup, queue, message, DKQUEUE=str(quitter), **pct_env(setup))
+    assert result.code == code
+
+
 def test_missing_real_queue_is_temporary(setup: Setup, tmp_path: Path) -> None:
     queue = StandIn(tmp_path)
     result = run(setup, queue, lf_message(), DKQUEUE=str(tmp_path / "absent"), **pct_env(setup))
