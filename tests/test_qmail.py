@@ -852,3 +852,26 @@ def test_letters_verdict() -> None:
     assert letters_verdict(["T", "U"], "Tu") == 13
     assert letters_verdict(["A"], "BCDEFGHIJKbcdefghijk") == 0
     assert letters_verdict(["S"], "") == 0
+
+
+def test_authentication_results_are_those_of_dkproxy_in(
+    setup: Setup, queue: StandIn | RealQueue
+) -> None:
+    """The field the wrapper adds is, byte for byte but for line ends, the one `dkproxy in`'s
+    verifier writes for the same message, client and sender."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from dkproxy.config import HostPort, InboundConfig
+    from dkproxy.inbound import InboundVerifier
+
+    message = _sign(setup, _sign(setup, lf_message(f"alice@{DOMAIN}"), "dkim"), "domainkeys")
+    result = run(setup, queue, message, b"Falice@qmail-a.test\0Tb@example.net\0\0",
+                 DKVERIFY="", TCPREMOTEIP="192.0.2.7")  # fmt: skip
+    assert result.code == 0 and result.queued is not None
+    ours = added_fields(result.queued, message)
+    cfg = InboundConfig(hostname=AUTHSERV, dns_server=HostPort.parse(setup.dns.address))
+    envelope = SimpleNamespace(client_address="192.0.2.7", client_helo=None,
+                               mail_from="alice@qmail-a.test")  # fmt: skip
+    outcome = asyncio.run(InboundVerifier(cfg)(wire_form(message), envelope))  # type: ignore[arg-type]
+    assert outcome.prepend == [ours.replace(b"\n", b"\r\n")]
