@@ -89,7 +89,8 @@ class _Failure(Exception):
 
 
 def wire_form(data: bytes) -> bytes:
-    """The message as it goes over SMTP: every LF not after a CR becomes CRLF.
+    """The message as it goes over SMTP: every LF not after a CR becomes CRLF (RFC 5322
+    2.1, RFC 5321 2.3.8: lines end in CRLF). `data` is qmail's stored form; returns bytes.
 
     Replacing CRLF by LF first and then every LF by CRLF gives exactly that, at memcpy
     speed (a regular expression costs ~20x more on a 20 MB message).

@@ -199,8 +199,9 @@ def run_queue(
     """Run the real qmail-queue with `parts` on its fd 0 and `envelope` on its fd 1.
 
     Writes the message, closes it, then writes the envelope, as qmail's own callers do
-    (qmail-queue reads fd 0 to EOF before fd 1). Returns its exit status; a crash, or a
-    write that failed while it exited 0, is temporary.
+    (qmail-queue reads fd 0 to EOF before fd 1). Returns its exit status; a crash (81), or
+    a write that failed while it exited 0 (53), is temporary. Raises QueueError(120) when
+    the program cannot be started.
     """
     message_r, message_w = os.pipe()
     envelope_r, envelope_w = os.pipe()
