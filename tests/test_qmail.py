@@ -149,9 +149,28 @@ class RealQueue:
         return Queued(message, envelope)
 
 
+def _qmail_send_running() -> bool:
+    """qmail-send holds an exclusive flock on lock/sendmutex while it runs."""
+    import fcntl
+
+    try:
+        fd = os.open(f"{QUEUE_DIR}/lock/sendmutex", os.O_WRONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _queue_params() -> list[str]:
+    """The stand-in always; notqmail's qmail-queue when installed, we are root (to read and
+    remove what it queues) and qmail-send is not running (it would take the messages)."""
     params = ["stand-in"]
-    if os.path.exists(REAL_QUEUE) and os.geteuid() == 0:
+    if os.path.exists(REAL_QUEUE) and os.geteuid() == 0 and not _qmail_send_running():
         params.append("qmail-queue")
     return params
 
