@@ -894,3 +894,82 @@ def test_authentication_results_are_those_of_dkproxy_in(
                                mail_from="alice@qmail-a.test")  # fmt: skip
     outcome = asyncio.run(InboundVerifier(cfg)(wire_form(message), envelope))  # type: ignore[arg-type]
     assert outcome.prepend == [ours.replace(b"\n", b"\r\n")]
+
+
+# ---------------------------------------------------------------------------------------------
+# notqmail end to end: qmail-inject and qmail-smtpd with QMAILQUEUE set to the wrapper.
+# Defined only where notqmail is installed and usable (see _queue_params); the stand-in tests
+# above cover every point without it.
+
+NOTQMAIL = "qmail-queue" in _queue_params() and all(
+    os.path.exists(f"/var/qmail/{name}")
+    for name in ("bin/qmail-inject", "bin/qmail-smtpd", "control/me", "control/rcpthosts")
+)
+
+if NOTQMAIL:
+
+    def _notqmail_env(setup: Setup, service: bool = True, **extra: str) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "QMAILQUEUE": _SCRIPT if os.path.exists(_SCRIPT) else WRAPPER[0],
+            "DKQUEUE": REAL_QUEUE,
+            "DKPROXY_SOCKET": setup.socket if service else str(setup.conf / "none.sock"),
+            "DKPROXY_DNS_SERVER": setup.dns.address,
+            "DKPROXY_HOSTNAME": AUTHSERV,
+            **extra,
+        }
+
+    def _smtpd(env: dict[str, str], message: bytes, rcpt: str) -> list[str]:
+        """One SMTP transaction with qmail-smtpd on pipes; its replies after DATA."""
+        wire = wire_form(message).replace(b"\r\n.", b"\r\n..")
+        script = (f"HELO client.test\r\nMAIL FROM:<alice@{DOMAIN}>\r\nRCPT TO:<{rcpt}>\r\n"
+                  "DATA\r\n").encode() + wire + b".\r\nQUIT\r\n"  # fmt: skip
+        proc = subprocess.run(["/var/qmail/bin/qmail-smtpd"], input=script, capture_output=True,
+                              env={**env, "TCPREMOTEIP": "127.0.0.1"}, cwd="/var/qmail",
+                              timeout=120, check=False)  # fmt: skip
+        return proc.stdout.decode("utf-8", "replace").splitlines()[-2:]
+
+    @pytest.mark.parametrize("service", [True, False], ids=["service", "in-process"])
+    def test_notqmail_qmail_inject_queues_signed_mail(setup: Setup, service: bool) -> None:
+        queue = RealQueue()
+        queue.reset()
+        message = lf_message(f"Alice <alice@{DOMAIN}>", b"Local mail.\n")
+        proc = subprocess.run(
+            ["/var/qmail/bin/qmail-inject", "-f", f"alice@{DOMAIN}", "bob@example.net"],
+            input=message, capture_output=True, timeout=120, check=False,
+            env=_notqmail_env(setup, service, **pct_env(setup)),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        queued = queue.queued()
+        assert queued is not None
+        assert queued.envelope == f"Falice@{DOMAIN}\0Tbob@example.net\0\0".encode()
+        assert mail_dkim(setup, queued.message) == [
+            ("domainkeys", DOMAIN, "pass"), ("dkim", DOMAIN, "pass")]  # fmt: skip
+
+    def test_notqmail_qmail_smtpd_signs_relay_clients_and_applies_letters(setup: Setup) -> None:
+        queue = RealQueue()
+        message = lf_message(f"alice@{DOMAIN}", b"Via SMTP.\n")
+        queue.reset()
+        relay = _notqmail_env(setup, RELAYCLIENT="", **pct_env(setup))
+        replies = _smtpd(relay, message, "bob@example.net")
+        assert replies[0].startswith("250 ok"), replies
+        queued = queue.queued()
+        assert queued is not None
+        assert mail_dkim(setup, queued.message) == [
+            ("domainkeys", DOMAIN, "pass"), ("dkim", DOMAIN, "pass")]  # fmt: skip
+        me = Path("/var/qmail/control/me").read_text().strip()
+        altered = build_case(setup, "body-altered")
+        for letters, reply in (("U", "554 "), ("u", "451 "), ("GHI", "250 ok")):
+            queue.reset()
+            replies = _smtpd(_notqmail_env(setup, DKIMVERIFY=letters), altered, f"postmaster@{me}")
+            assert replies[0].startswith(reply), (letters, replies)
+            assert (queue.queued() is not None) == (reply == "250 ok")
+
+    def test_notqmail_failure_is_a_temporary_smtp_error(setup: Setup) -> None:
+        """A key the wrapper cannot use: the client sees 451 and nothing is queued."""
+        queue = RealQueue()
+        queue.reset()
+        env = _notqmail_env(setup, RELAYCLIENT="", DKIMSIGN=str(setup.keys / "fixed" / "absent"))
+        replies = _smtpd(env, lf_message(), "bob@example.net")
+        assert replies[0].startswith("451 "), replies
+        assert queue.queued() is None
