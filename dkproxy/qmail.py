@@ -88,14 +88,16 @@ class _Failure(Exception):
         self.code = code
 
 
-def wire_form(data: bytes) -> bytes:
+def wire_form(data: bytes | bytearray) -> bytes | bytearray:
     """The message as it goes over SMTP: every LF not after a CR becomes CRLF (RFC 5322
     2.1, RFC 5321 2.3.8: lines end in CRLF). `data` is qmail's stored form; returns bytes.
 
     Replacing CRLF by LF first and then every LF by CRLF gives exactly that, at memcpy
     speed (a regular expression costs ~20x more on a 20 MB message).
     """
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if b"\r" in data:  # qmail-smtpd leaves none; skip a copy of the whole message
+        data = data.replace(b"\r\n", b"\n")
+    return data.replace(b"\n", b"\r\n")
 
 
 def lf_form(fields: bytes) -> bytes:
@@ -103,7 +105,7 @@ def lf_form(fields: bytes) -> bytes:
     return fields.replace(b"\r\n", b"\n")
 
 
-def _bare_lfs(original: bytes, limit: int) -> list[int]:
+def _bare_lfs(original: bytes | bytearray, limit: int) -> list[int]:
     """Offsets (below `limit`) of the LFs in `original` that wire_form prefixed with a CR."""
     positions = []
     position = original.find(b"\n", 0, limit)
@@ -288,7 +290,9 @@ class QmailProcessor:
 
     # -- one message ---------------------------------------------------------------------------
 
-    async def process(self, env: Mapping[str, str], sender: str, message: bytes) -> Answer:
+    async def process(
+        self, env: Mapping[str, str], sender: str, message: bytes | bytearray
+    ) -> Answer:
         """The verdict for one message; never raises (errors become exit codes), except
         Refused, which the service answers so that the client works on its own."""
         try:
@@ -302,7 +306,9 @@ class QmailProcessor:
         except Exception as exc:  # a bug defers the message; it is never lost or accepted
             return Answer(EXIT_INTERNAL_BUG, log=f"internal error: {exc!r}")
 
-    async def _process(self, env: Mapping[str, str], sender: str, message: bytes) -> Answer:
+    async def _process(
+        self, env: Mapping[str, str], sender: str, message: bytes | bytearray
+    ) -> Answer:
         config_path = env.get("DKPROXY_CONFIG")
         if config_path:
             processor = self._config(config_path)
@@ -323,7 +329,7 @@ class QmailProcessor:
         resolver = self.resolver(env)
         return await self._verify(env, sender, message, settings, resolver, authserv_id)
 
-    def _sign(self, signer: OutboundSigner, message: bytes) -> Answer:
+    def _sign(self, signer: OutboundSigner, message: bytes | bytearray) -> Answer:
         outcome = signer.sign(wire_form(message))
         if outcome.reject is not None:
             code = EXIT_POLICY_REJECT if outcome.reject.code >= 500 else EXIT_POLICY_TEMPFAIL
@@ -334,7 +340,7 @@ class QmailProcessor:
         self,
         env: Mapping[str, str],
         sender: str,
-        message: bytes,
+        message: bytes | bytearray,
         settings: VerifySettings,
         resolver: Resolver,
         authserv_id: str,
@@ -399,7 +405,7 @@ class QmailProcessor:
 
 
 def process_in_process(
-    env: dict[str, str], sender: str, message: bytes
+    env: dict[str, str], sender: str, message: bytes | bytearray
 ) -> tuple[int, bytes, list[tuple[int, int]], str]:
     """The client's fallback when no service answers: the same work, in this process."""
     answer = asyncio.run(QmailProcessor().process(env, sender, message))
