@@ -1,4 +1,4 @@
-"""Command line: `dkproxy out|in|demo|keygen|dnscheck|check-config ...`.
+"""Command line: `dkproxy out|in|demo|keygen|dnscheck|check-config|qmail-*`.
 
 `dkproxy out` takes DKIMproxy's own command line (`dkimproxy.out [options] LISTEN RELAY`), so
 an init script written for DKIMproxy keeps working once the program name is changed; the same
@@ -24,6 +24,9 @@ commands:
   keygen        generate a key pair and the DNS records to publish
   dnscheck      check that DNS publishes the keys a configuration signs with
   check-config  load a configuration, its keys and maps, and print the signing rules
+  qmail-queue   QMAILQUEUE wrapper: sign or verify, then run the real qmail-queue
+  qmail-service serve dkproxy-qmail-queue over a Unix socket (keys and DNS kept loaded)
+  qmail-launcher write a faster-starting dkproxy-qmail-queue to a given path
 
 Run `dkproxy COMMAND --help` for the options of a command.
 """
@@ -133,6 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         from dkproxy import keytools
 
         return keytools.main(command, rest)
+    if command == "qmail-queue":
+        from dkproxy.qmail_client import main as qmail_queue_main
+
+        return qmail_queue_main()
+    if command == "qmail-service":
+        from dkproxy.qmail_service import main as qmail_service_main
+
+        return qmail_service_main(rest)
+    if command == "qmail-launcher":
+        from dkproxy.qmail_service import write_launcher
+
+        return write_launcher(rest)
     if command in ("--version", "version"):
         from dkproxy import __version__
 
