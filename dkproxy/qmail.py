@@ -150,13 +150,16 @@ class _ConventionPolicy(SigningPolicy):
         self._processor = processor
         self._keys = keys  # (variable, path pattern)
 
-    def select(self, sender: Address | None, list_id: str | None) -> Selection:
+    def select(
+        self, sender: Address | None, list_id: str | None, *, no_sender: str = ""
+    ) -> Selection:
         specs: list[SignatureSpec] = []
         notes: list[str] = []
         for variable, pattern in self._keys:
             kind = "domainkeys" if variable == "DKSIGN" else "dkim"
             if sender is None or not config_mod.is_domain(sender.domain):
-                notes.append(f"{variable}: no sender domain (Sender/From): unsigned")
+                why = no_sender or "no sender domain (Sender/From)"
+                notes.append(f"{variable}: {why}: unsigned")
                 continue
             path = pattern.replace("%", sender.domain)
             self._processor.check_allowed(path)  # before looking: say nothing about others
