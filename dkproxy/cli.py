@@ -36,8 +36,9 @@ def _fail(message: str, status: int = 2) -> int:
 
 def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
     """Parse the configuration, bind, load keys and maps, drop privileges, then serve."""
-    from dkproxy import config, daemon, server
+    from dkproxy import config, daemon
     from dkproxy.session import Processor, SessionSettings
+    from dkproxy.smtp import server
 
     try:
         cfg = config.parse_proxy_command(mode, argv)

@@ -23,10 +23,10 @@ from dkproxy import config, domainkeys
 from dkproxy.keys import load_signing_key
 from dkproxy.message import Message
 from dkproxy.policy import SigningPolicy
-from dkproxy.relay import RelayClient
-from dkproxy.server import ProxyServer
 from dkproxy.session import SessionSettings
 from dkproxy.signer import OutboundSigner, assemble
+from dkproxy.smtp.downstream import RelayClient
+from dkproxy.smtp.server import ProxyServer
 
 DOMAIN = "example.com"
 

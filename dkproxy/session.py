@@ -25,8 +25,15 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from dkproxy.message import Buffer
-from dkproxy.relay import DownstreamError, Part, RelayClient, RelayPool, Reply, local_reply
-from dkproxy.spool import Spool
+from dkproxy.smtp.downstream import (
+    DownstreamError,
+    Part,
+    RelayClient,
+    RelayPool,
+    Reply,
+    local_reply,
+)
+from dkproxy.smtp.spool import Spool
 
 log = logging.getLogger("dkproxy.session")
 T = TypeVar("T")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from dkproxy.relay import DownstreamError, RelayClient, RelayPool, Reply
+from dkproxy.smtp.downstream import DownstreamError, RelayClient, RelayPool, Reply
 from tests.support.sink import CaptureServer
 from tests.support.tools import free_port
 

@@ -22,8 +22,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dkproxy.daemon import AccessList
-from dkproxy.relay import RelayPool
 from dkproxy.session import Assembler, Processor, SessionSettings, SmtpSession
+from dkproxy.smtp.downstream import RelayPool
 
 log = logging.getLogger("dkproxy.server")
 
