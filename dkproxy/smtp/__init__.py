@@ -1,1 +1,1 @@
-"""dkproxy's SMTP layer: the aiosmtpd listener, the aiosmtplib downstream, the spool, the workers."""
+"""dkproxy's SMTP layer: aiosmtpd listener, aiosmtplib downstream, spool, workers."""
