@@ -165,6 +165,7 @@ class Listener(SMTP):
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=settings.command_timeout,
+            loop=asyncio.get_running_loop(),  # (aiosmtpd's own look-up costs more)
             **options,
         )
         self._verbs = _Verbs(self._smtp_methods)
@@ -191,7 +192,12 @@ class Listener(SMTP):
         auth_* mechanisms): scanning all of them cost 0.4 ms per connection."""
         names = _SCANNED_NAMES.get(type(self))
         if names is None:
-            names = [n for n in super().__dir__() if n.startswith(("smtp_", "auth_"))]
+            # aiosmtpd's own smtp_* methods that a subclass method here replaces or that the
+            # verb fallback answers (VRFY, EXPN, HELP) are left out.
+            stock = {"smtp_VRFY", "smtp_EXPN", "smtp_HELP"}
+            names = [
+                n for n in super().__dir__() if n.startswith(("smtp_", "auth_")) and n not in stock
+            ]
             _SCANNED_NAMES[type(self)] = names
         return list(names)
 
@@ -310,11 +316,17 @@ class Listener(SMTP):
         if closing:
             self._hang_up()  # nothing the client pipelined after QUIT or a 421 is served
             return
-        try:
-            await self._writer.drain()
-        except ConnectionError:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             log.debug("client=%s gone", self.peer)
             self._hang_up()
+        elif transport.get_write_buffer_size() > _SCAN_CHUNK:  # type: ignore[attr-defined]
+            # A client that does not read its replies is waited for, not buffered for.
+            try:
+                await self._writer.drain()
+            except ConnectionError:
+                log.debug("client=%s gone", self.peer)
+                self._hang_up()
 
     async def send_reply(self, reply: Reply) -> None:
         """A downstream reply, passed upstream line by line as it came."""
@@ -368,12 +380,19 @@ class Listener(SMTP):
     # -- commands ------------------------------------------------------------------------------
 
     async def _unknown_verb(self, verb: str, arg: str | None) -> None:
-        await self.push("500 5.5.2 Error: command not recognized")
+        """Verbs without an smtp_* method: rare ones are answered here rather than as
+        methods, since aiosmtpd binds every smtp_* method anew for each connection."""
+        if verb in ("VRFY", "EXPN"):
+            await self.send(b"502 5.5.1 VRFY command is disabled\r\n")
+        elif verb == "HELP":
+            await self.send(b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT\r\n")
+        elif verb in ("BDAT", "ETRN", "TURN"):
+            await self._not_implemented(arg)
+        else:
+            await self.push("500 5.5.2 Error: command not recognized")
 
     async def _not_implemented(self, arg: str | None) -> None:
         await self.push("502 5.5.1 Error: command not implemented")
-
-    smtp_BDAT = smtp_ETRN = smtp_TURN = _not_implemented
 
     async def smtp_EHLO(self, arg: str | None) -> None:
         name = _octets(arg)
@@ -502,14 +521,6 @@ class Listener(SMTP):
                 key, _, value = item.partition("=")
                 self.tx.xforward[key.upper()] = value
         await self.send_reply(reply)
-
-    async def smtp_VRFY(self, arg: str | None) -> None:
-        await self.send(b"502 5.5.1 VRFY command is disabled\r\n")
-
-    smtp_EXPN = smtp_VRFY
-
-    async def smtp_HELP(self, arg: str | None) -> None:
-        await self.send(b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT\r\n")
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if not self.tls_context:
