@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from dkproxy.daemon import AccessList
+from dkproxy import metrics
+from dkproxy.daemon import AccessList, sd_notify
 from dkproxy.relay import RelayPool
 from dkproxy.session import Assembler, Processor, SessionSettings, SmtpSession
 
@@ -70,6 +71,7 @@ class ProxyServer:
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
+        metrics.session_opened()
         self.connections += 1
         if self.max_connections and self.connections >= self.max_connections:
             assert self._stopping is not None
@@ -83,6 +85,7 @@ class ProxyServer:
             await session.run()
         finally:
             self.sessions.discard(task)
+            metrics.session_closed()
 
     async def _expire_idle(self) -> None:
         while True:
@@ -165,6 +168,10 @@ def run(
     processor = processor_factory()
     if after_load is not None:
         after_load()
+    # The socket is bound and listening and the keys are loaded: connections queue in the
+    # backlog until the workers accept them, so systemd may start Postfix now.
+    status = f"accepting mail, {max(workers, 1)} worker(s)"
+    sd_notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
     runner = _event_loop_runner()
 
     def serve_here() -> None:
@@ -222,6 +229,7 @@ def _supervise(serve_here: Callable[[], None], workers: int) -> int:
         except InterruptedError:
             continue
         started = children.pop(pid, None)
+        metrics.worker_exited(pid)
         if started is None or stopping:
             continue
         log.error("worker %d exited (status %d); restarting", pid, status)

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from dkproxy import metrics
 from dkproxy.message import Buffer
 from dkproxy.relay import DownstreamError, Part, RelayClient, RelayPool, Reply, local_reply
 from dkproxy.spool import Spool
@@ -324,6 +325,7 @@ class SmtpSession:
     async def downstream_failed(self, exc: DownstreamError) -> None:
         """The downstream is gone: tell the client to try later and end the session."""
         log.warning("client=%s downstream failure: %s", self.peer, exc)
+        metrics.downstream_error("failed")
         await self.send(
             _reply(421, f"4.4.2 {self.settings.hostname} downstream failed, try again later")
         )
@@ -375,12 +377,14 @@ class SmtpSession:
             greeting = await self.relay.connect()
         except DownstreamError as exc:
             log.warning("client=%s downstream unavailable: %s", self.peer, exc)
+            metrics.downstream_error("unavailable")
             host = self.settings.hostname
             await self.send(_reply(421, f"4.4.1 {host} downstream unavailable, try again later"))
             return False
         if greeting.code != 220:
             # The downstream refuses sessions (e.g. overloaded): say so with a temporary code.
             self._relay_spent = True
+            metrics.downstream_error("refused")
             code = 421 if greeting.code < 500 else 554
             await self.send(_reply(code, f"{self.settings.hostname} downstream said: {greeting}"))
             return False
@@ -517,7 +521,9 @@ class SmtpSession:
             log.info("from=<%s> rejected: message exceeds %d bytes",
                      envelope.mail_from, self.settings.max_message_size)  # fmt: skip
             await self.send(_reply(552, "5.3.4 Error: message too big"))
+            metrics.message_done(None, 552, time.monotonic() - started)
             return
+        metrics.message_received(len(spool))
         with spool:
             await self._deliver(spool, envelope, started)
 
@@ -557,6 +563,7 @@ class SmtpSession:
         self, envelope: Envelope, outcome: Outcome, reply: Reply, started: float
     ) -> None:
         elapsed_ms = (time.monotonic() - started) * 1000
+        metrics.message_done(outcome, reply, elapsed_ms / 1000)
         log.info(
             "client=%s from=<%s> rcpts=%d %s relay=%r time=%.1fms",
             envelope.client_address, envelope.mail_from, len(envelope.rcpt_to),
