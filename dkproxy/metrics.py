@@ -143,8 +143,16 @@ def enable(direction: str, owner: tuple[int, int] | None = None) -> str:
             buckets=SIZE_BUCKETS,
         ),
     )
-    for reason in UNSIGNED_REASONS:  # show every reason in the scrape, even at 0
-        _metrics.unsigned.labels(reason)
+    # Every label value shows in the scrape from the start, at 0, so that rate() and alerts
+    # work before the first occurrence.
+    outcomes = ("signed", "unsigned") if direction == "out" else ("verified",)
+    for outcome in (*outcomes, "rejected", "tempfailed"):
+        _metrics.messages.labels(outcome)
+    for kind in ("unavailable", "refused", "failed"):
+        _metrics.downstream_errors.labels(kind)
+    if direction == "out":
+        for reason in UNSIGNED_REASONS:
+            _metrics.unsigned.labels(reason)
     return directory
 
 
