@@ -895,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plot(run, args.out / "matrix.png"):
             print(f"plot: {args.out / 'matrix.png'}")
         else:
-            print("plot: skipped (pip install matplotlib for matrix.png)")
+            print("plot: skipped (.venv/bin/pip install matplotlib for matrix.png)")
     return 0
 
 

@@ -425,3 +425,21 @@ def test_readme_install_route_into_a_prefix_and_the_units_execstart(
     assert b"d=example.org" in msg.data and b"s=mail" in msg.data
     record = dns_record(key).encode()
     assert dkim.verify(msg.data, dnsfunc=lambda name, timeout=5: record)
+
+
+# -- commands in the documentation ----------------------------------------------------------
+
+
+def test_documented_commands_run_on_debian12() -> None:
+    """Debian 12 has no `python` command, and pip refuses to install into the system Python
+    (PEP 668): commands in the README and the bench docs use python3, .venv/bin/python or
+    the /opt/dkproxy virtualenv."""
+    documents = [Path(ROOT) / "README.md", *sorted((Path(ROOT) / "bench").glob("*.md")),
+                 *sorted((Path(ROOT) / "bench").glob("*.py"))]  # fmt: skip
+    bare = re.compile(r"(?:^|[`$]\s*|^\s+)(python|pip|pytest)\s+\S")
+    offending = []
+    for document in documents:
+        for number, line in enumerate(document.read_text(encoding="utf-8").splitlines(), 1):
+            if bare.search(line) and "Debian 12's Python refuses" not in line:
+                offending.append(f"{document.name}:{number}: {line.strip()}")
+    assert offending == []
