@@ -182,10 +182,10 @@ def run(
     if workers <= 1:
         serve_here()
         return 0
-    return _supervise(serve_here, workers)
+    return _supervise(serve_here, workers, sock)
 
 
-def _supervise(serve_here: Callable[[], None], workers: int) -> int:
+def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket) -> int:
     children: dict[int, float] = {}
     stopping = False
 
@@ -213,6 +213,10 @@ def _supervise(serve_here: Callable[[], None], workers: int) -> int:
     def on_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
+        # Our copy of the listening socket would keep the port open once the workers close
+        # theirs: new clients would be accepted by the kernel and never greeted, instead of
+        # refused at once (which an MTA retries right away elsewhere or later).
+        sock.close()
         forward(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_stop)
