@@ -101,6 +101,7 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
+
 def base_services_except(services: str) -> str:
     """BASE_MASTER_CF without the services `services` defines again (e.g. a snippet that
     replaces the pickup line): master.cf must name each service once."""
