@@ -11,6 +11,7 @@ import smtplib
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import dkim
 import pytest
@@ -78,7 +79,7 @@ def test_metrics_off_by_default(smtp_sink: type[SmtpSink], key_dir: KeySet) -> N
 
 
 def test_outbound_counters_match_the_messages_sent(
-    smtp_sink: type[SmtpSink], key_dir: KeySet, metrics_port: int
+    smtp_sink: type[SmtpSink], key_dir: KeySet, metrics_port: int, tmp_path: Path
 ) -> None:
     sink = smtp_sink()
     args = [
@@ -95,8 +96,11 @@ def test_outbound_counters_match_the_messages_sent(
     plan = (
         ["signed"] * 7 + ["not_configured"] * 3 + ["no_from"] * 2 + ["too_big"] * 2
     ) * 2  # fmt: skip
-    with ProxyProcess("out", args, relay=sink.address) as proxy:
+    with ProxyProcess("out", args, relay=sink.address, env={"TMPDIR": str(tmp_path)}) as proxy:
         assert "metrics on http://127.0.0.1:" in proxy.log
+        # The workers' files live in one private directory under $TMPDIR ...
+        (directory,) = tmp_path.glob("dkproxy-metrics-*")
+        assert directory.stat().st_mode & 0o777 == 0o700
         before = samples(scrape(metrics_port))
         assert value(before, "dkproxy_messages_total", outcome="signed") == 0
         assert value(before, "dkproxy_sessions_open") == 0
@@ -119,6 +123,7 @@ def test_outbound_counters_match_the_messages_sent(
         pids = {line.split("[", 1)[1].split("]", 1)[0] for line in proxy.log.splitlines()
                 if "rcpts=1" in line}  # fmt: skip
     assert len(pids) == 2, proxy.log
+    assert not directory.exists()  # ... removed when the daemon exits
     assert len(sink.wait_for(len(sizes), timeout=30)) == len(sizes)
 
     assert value(found, "dkproxy_messages_total", outcome="signed") == 14
