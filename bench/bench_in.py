@@ -6,7 +6,7 @@ checked for DKIM, DomainKeys, SPF and DMARC; keys and policy records come from N
 loopback and, after the warm-up, from dkproxy's DNS cache ("keys cached"). Prints
 messages/s through the proxy and, in the same run, smtp-source -> smtp-sink directly.
 
-    python bench/bench_in.py [--messages 3000] [--sessions 8] [--size 3000] [--workers N]
+    .venv/bin/python bench/bench_in.py [--messages 3000] [--sessions 8] [--size 3000] [--workers N]
 """
 
 from __future__ import annotations

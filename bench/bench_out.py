@@ -4,9 +4,9 @@
 Prints messages/s for the proxy path and, in the same run, for smtp-source -> smtp-sink
 directly (the ceiling set by the SMTP tools themselves on this machine).
 
-    python bench/bench_out.py                       # 8 sessions, 3 KB, DKIM rsa-sha256 + DomainKeys
-    python bench/bench_out.py --messages 5000 --sessions 8 --size 3000 --workers 2
-    python bench/bench_out.py --signatures dkim dkim-ed25519 domainkeys
+    .venv/bin/python bench/bench_out.py   # 8 sessions, 3 KB, DKIM rsa-sha256 + DomainKeys
+    .venv/bin/python bench/bench_out.py --messages 5000 --sessions 8 --size 3000 --workers 2
+    .venv/bin/python bench/bench_out.py --signatures dkim dkim-ed25519 domainkeys
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """DKIMproxy 1.4 and dkproxy side by side: same configuration file, same sink, same load.
 
-    python bench/compare.py --dkimproxy-out /usr/local/dkimproxy/bin/dkimproxy.out
+    .venv/bin/python bench/compare.py --dkimproxy-out /usr/local/dkimproxy/bin/dkimproxy.out
 
 One dkimproxy.out configuration (DKIM rsa-sha256 relaxed + DomainKeys nofws, one RSA-2048 key)
 is written twice, differing only in the `listen` port; `dkimproxy.out --conf_file=A` and
-`python -m dkproxy out --conf_file=B` both relay to one smtp-sink. Before timing, one message
-through each proxy is captured (smtp-sink -d) and checked for a DKIM-Signature and a
+`.venv/bin/python -m dkproxy out --conf_file=B` both relay to one smtp-sink. Before timing,
+one message through each proxy is captured (smtp-sink -d) and checked for a DKIM-Signature and a
 DomainKey-Signature, so that a proxy passing mail unsigned cannot look fast. Then smtp-source
 runs are interleaved (direct, DKIMproxy, dkproxy, and again) and the ratio of the median
 messages/s is reported. Exit status 0 when dkproxy reaches --ratio times DKIMproxy's rate.

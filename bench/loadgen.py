@@ -18,8 +18,8 @@ each message. PIPELINING is used when the server offers it (MAIL, RCPT and DATA 
 as Postfix does. --rate 0 offers all messages at once (a burst: with --connections equal to
 --messages every session sends its message at the same moment).
 
-    python bench/loadgen.py 127.0.0.1:10027 --rate 400 --messages 2000 --connections 8
-    python bench/loadgen.py 127.0.0.1:10027 --rate 0 --messages 100 --connections 100 \\
+    .venv/bin/python bench/loadgen.py 127.0.0.1:10027 --rate 400 --messages 2000 --connections 8
+    .venv/bin/python bench/loadgen.py 127.0.0.1:10027 --rate 0 --messages 100 --connections 100 \\
         --size 1000000 --json
 """
 

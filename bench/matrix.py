@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The whole dkproxy benchmark in one command: throughput, added latency and memory.
 
-    python bench/matrix.py            # full matrix, 5-7 minutes on a 2-core machine
-    python bench/matrix.py --quick    # ~1 minute smoke version
+    .venv/bin/python bench/matrix.py            # full matrix, 5-7 minutes on a 2-core machine
+    .venv/bin/python bench/matrix.py --quick    # ~1 minute smoke version
 
 One smtp-sink and three `dkproxy out` instances (DKIM rsa-sha256; DKIM + DomainKeys; DKIM
 rsa-sha256 + ed25519-sha256) run for the whole matrix; each cell drives one of them, or the sink
@@ -895,7 +895,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plot(run, args.out / "matrix.png"):
             print(f"plot: {args.out / 'matrix.png'}")
         else:
-            print("plot: skipped (pip install matplotlib for matrix.png)")
+            print("plot: skipped (.venv/bin/pip install matplotlib for matrix.png)")
     return 0
 
 

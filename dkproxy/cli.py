@@ -80,11 +80,22 @@ def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
                  "serves many clients at once, so dkproxy runs %d workers (option workers)",
                  "/".join(prefork), workers)  # fmt: skip
     access = daemon.AccessList.build(cfg.allow, cfg.deny, cfg.cidr_allow, cfg.cidr_deny)
+    metrics_server = None
+    if cfg.metrics is not None:
+        from dkproxy import metrics
+
+        metrics.enable(mode, owner=daemon.user_ids(cfg.user, cfg.group))
+        try:
+            metrics_server = metrics.bind(cfg.metrics.host, cfg.metrics.port)
+        except OSError as exc:
+            return _fail(str(exc.strerror or exc), 1)
 
     def after_load() -> None:
         if cfg.daemonize:
             daemon.daemonize()
         daemon.drop_privileges(cfg.user, cfg.group, cfg.chroot)
+        if metrics_server is not None:
+            metrics.start(metrics_server)  # a thread: after daemonize's forks, not before
         if cfg.pidfile:
             daemon.write_pidfile(cfg.pidfile)
             atexit.register(daemon.remove_pidfile, cfg.pidfile)

@@ -351,6 +351,19 @@ class HostPort(BaseModel):
         return f"{self.host}:{self.port}"
 
 
+#: Port of the metrics endpoint when only an address is given.
+DEFAULT_METRICS_PORT = 9120
+
+
+def parse_metrics_address(text: str) -> HostPort:
+    """The metrics endpoint: HOST:PORT, HOST (port 9120) or a bare PORT on 127.0.0.1, so that
+    metrics stay on loopback unless an address says otherwise; ValueError when malformed."""
+    text = text.strip()
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    return HostPort.parse(text, DEFAULT_METRICS_PORT)
+
+
 def _is_host(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -442,6 +455,8 @@ class _CommonConfig(BaseModel):
     relay_timeout: float = Field(300.0, gt=0)
     max_message_size: int = Field(DEFAULT_MAX_MESSAGE_SIZE, ge=0)  # 0 = unlimited
     workers: int | None = Field(None, ge=1)
+    #: Prometheus endpoint (dkproxy.metrics); None: no metrics.
+    metrics: HostPort | None = None
 
     # Daemon options (DKIMproxy/Net::Server names); stored for the daemon code.
     user: str | None = None
@@ -850,6 +865,12 @@ _OPTIONS: tuple[_Opt, ...] = (
         metavar="SIZE",
     ),
     _Opt("workers", "int", help="worker processes (default: one per CPU)", metavar="N", minimum=1),
+    _Opt(
+        "metrics",
+        "metrics",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (a bare port: on 127.0.0.1)",
+        metavar="ADDR:PORT",
+    ),
     # signing (dkimproxy.out)
     _Opt(
         "domain",
@@ -1150,6 +1171,8 @@ def _apply_settings(mode: str, settings: list[_Setting], acc: _Values, replace: 
                 acc.set(target, HostPort.parse(value, default_port), setting.where)
             elif kind == "dns":
                 acc.set(target, HostPort.parse(value, 53), setting.where)
+            elif kind == "metrics":
+                acc.set(target, parse_metrics_address(value), setting.where)
             elif kind == "domains":
                 acc.set(target, parse_domain_list(value), setting.where)
             elif kind == "int":
@@ -1429,6 +1452,7 @@ class _TomlCommon(BaseModel):
     reject_error: bool | None = None
     relay_timeout: float | None = None
     max_message_size: Any = None
+    metrics: str | int | None = None
     daemon: _TomlDaemon = Field(default_factory=_TomlDaemon)
     log: _TomlLog = Field(default_factory=_TomlLog)
 
@@ -1580,6 +1604,7 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
     put("reject_error", doc.reject_error, "reject_error")
     put("relay_timeout", doc.relay_timeout, "relay_timeout")
     put("max_message_size", doc.max_message_size, "max_message_size")
+    put("metrics", doc.metrics, "metrics", lambda v: parse_metrics_address(str(v)))
     daemon = doc.daemon
     for name in (
         "user",
@@ -2012,7 +2037,10 @@ def help_text(mode: Mode) -> str:
         "  -h, --help               show this text",
     ]
     sections = (
-        ("SMTP", "listen relay reject_error hostname relay_timeout max_message_size workers"),
+        (
+            "SMTP",
+            "listen relay reject_error hostname relay_timeout max_message_size workers metrics",
+        ),
         (
             "signing",
             "domain keyfile selector method dkim_method domainkeys_method identity signature "

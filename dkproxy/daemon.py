@@ -15,6 +15,7 @@ import logging.handlers
 import os
 import pwd
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -103,6 +104,26 @@ class AccessList:
         )
 
 
+def user_ids(user: str | None, group: str | None) -> tuple[int, int] | None:
+    """(uid, gid) the daemon will run as after `drop_privileges`, or None when it keeps its
+    own; SystemExit naming an unknown user or group, as drop_privileges does."""
+    if not user and not group:
+        return None
+    uid, gid = os.getuid(), os.getgid()
+    if user:
+        try:
+            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise SystemExit(f"dkproxy: user {user!r} does not exist") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+        except KeyError:
+            raise SystemExit(f"dkproxy: group {group!r} does not exist") from None
+    return uid, gid
+
+
 def drop_privileges(user: str | None, group: str | None, chroot: str | None = None) -> None:
     """chroot, then setgid/setuid; errors name the user/group and stop the start."""
     uid = gid = None
@@ -153,3 +174,26 @@ def remove_pidfile(path: str) -> None:
                 os.unlink(path)
     except OSError:
         pass
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd our state ("READY=1", "STOPPING=1", "STATUS=...") under Type=notify.
+
+    The sd_notify(3) protocol: one datagram with newline-separated KEY=VALUE lines to the
+    AF_UNIX socket named by $NOTIFY_SOCKET ("@name" is in the abstract namespace). Without
+    that variable (not started by systemd) nothing is sent. Returns whether it was sent;
+    a failure is logged, never raised: readiness must not stop the mail.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address or address[0] not in "/@":
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode("utf-8"))
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s): %s", address.lstrip("\0"), exc)
+        return False
+    return True

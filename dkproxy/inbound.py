@@ -8,7 +8,7 @@ and reject_error, then the per-result actions of the native configuration.
 
 from __future__ import annotations
 
-from dkproxy import arc
+from dkproxy import arc, metrics
 from dkproxy.authresults import (
     authentication_results,
     forged_authentication_results,
@@ -55,6 +55,7 @@ class InboundVerifier:
             # Nothing can be verified; say so rather than pass the mail without a verdict.
             report = VerificationReport()
             header = authentication_results(report, self.authserv_id)
+            metrics.verified(report.method_results())
             return Outcome(prepend=[header], summary=f"not verified: {exc}")
         report = await verify_message(
             message,
@@ -64,6 +65,7 @@ class InboundVerifier:
             resolver=self.resolver,
             settings=self.settings,
         )
+        metrics.verified(report.method_results(), self.resolver.stats)
         header = authentication_results(report, self.authserv_id)
         forged = forged_authentication_results(message, self.authserv_id)
         summary = f"sender=<{report.sender or ''}> msgid={message.message_id() or '<>'} "

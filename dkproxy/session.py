@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from dkproxy import metrics
 from dkproxy.message import Buffer
 from dkproxy.smtp.downstream import Downstream, DownstreamError, Part, Reply, local_reply
 from dkproxy.smtp.spool import Spool
@@ -91,7 +92,9 @@ class Proxy:
             await self._abort(downstream)
             log.info("from=<%s> rejected: message exceeds %d bytes",
                      envelope.mail_from, self.max_message_size)  # fmt: skip
+            metrics.message_done(None, 552, time.monotonic() - started)
             return local_reply(552, "5.3.4 Error: message too big")
+        metrics.message_received(len(spool))
         try:
             outcome = await self.processor(spool.buffer(), envelope)
         except Exception:
@@ -123,6 +126,7 @@ class Proxy:
         self, envelope: Envelope, outcome: Outcome, reply: Reply, started: float
     ) -> None:
         elapsed_ms = (time.monotonic() - started) * 1000
+        metrics.message_done(outcome, reply, elapsed_ms / 1000)
         log.info(
             "client=%s from=<%s> rcpts=%d %s relay=%r time=%.1fms",
             envelope.client_address, envelope.mail_from, len(envelope.rcpt_to),

@@ -8,7 +8,7 @@ with an explicit h= a DKIM-Signature below it is not among them, so both verify.
 
 from __future__ import annotations
 
-from dkproxy import arc, dkim_signer, domainkeys
+from dkproxy import arc, dkim_signer, domainkeys, metrics
 from dkproxy.config import OutboundConfig
 from dkproxy.message import Buffer, Message, MessageFormatError
 from dkproxy.policy import SignatureSpec, SigningPolicy
@@ -63,20 +63,23 @@ class OutboundSigner:
         try:
             message = Message(data)
         except MessageFormatError as exc:
-            return self._failed(f"sender=<> msgid=<> unsigned: {exc}")
+            return self._failed(f"sender=<> msgid=<> unsigned: {exc}", "format_error")
         sender, no_sender = message.sender_and_reason()
         context = f"sender=<{sender or ''}> msgid={message.message_id() or '<>'}"
         if not message.get_all("from"):
             # DKIM requires a signed From: such a message passes unsigned, and is logged.
+            metrics.unsigned("no_from")
             return Outcome(summary=f"{context} unsigned: no From header")
         selection = self.policy.select(sender, message.list_id(), no_sender=no_sender)
         if not selection.specs and self.arc_seal is None:
+            metrics.unsigned("excluded" if selection.rule else "not_configured")
             return Outcome(summary=f"{context} unsigned: {selection.reason or 'no rule'}")
         seal = self.arc_seal
         dk_fields: list[bytes] = []
         dkim_fields: list[bytes] = []
         added: list[str] = []
         skipped: list[str] = []
+        signed: list[SignatureSpec] = []
         body_hashes = dkim_signer.BodyHashCache(message)
         for spec in selection.specs:
             label = f"{spec.kind}(d={spec.domain},s={spec.selector},a={spec.algorithm})"
@@ -104,8 +107,9 @@ class OutboundSigner:
                 skipped.append(f"{label} skipped: {exc}")
                 continue
             except (dkim_signer.DKIMSignError, ValueError) as exc:
-                return self._failed(f"{context} signing failed: {label}: {exc}")
+                return self._failed(f"{context} signing failed: {label}: {exc}", "signing_error")
             added.append(label)
+            signed.append(spec)
         arc_fields: list[bytes] = []
         if seal is not None:
             label = f"arc(d={seal.domain},s={seal.selector})"
@@ -115,15 +119,22 @@ class OutboundSigner:
                 added.append(f"{label[:-1]},i={instance})")
             except arc.ArcSealError as exc:
                 skipped.append(f"{label} skipped: {exc}")  # the mail still goes on
+        for spec in signed:
+            metrics.signature(spec.domain, spec.algorithm)
+        if not signed and not arc_fields:
+            metrics.unsigned("skipped")
         summary = f"{context} rule={selection.rule or '-'}"
         summary += f" signed={','.join(added)}" if added else " unsigned"
         if skipped:
             summary += " " + "; ".join(skipped)
         return Outcome(prepend=arc_fields + dk_fields + dkim_fields, summary=summary)
 
-    def _failed(self, summary: str) -> Outcome:
+    def _failed(self, summary: str, reason: str) -> Outcome:
+        """Signing is impossible: 451 with reject_error, else pass unsigned (`reason` is the
+        metrics label, see dkproxy.metrics.UNSIGNED_REASONS)."""
         if self.reject_error:
             return Outcome(reject=local_reply(451, SIGNING_ERROR_REPLY), summary=summary)
+        metrics.unsigned(reason)
         return Outcome(summary=summary)
 
 

@@ -492,3 +492,185 @@ def test_inbound_verification_through_postfix(
     wait_log(mta, sent_to(filter_port), 3)
     wait_log(mta, sent_to(sink.port), 3)
     mta.wait_queue(lambda q: not q)
+
+
+# --------------------------------------------------------------------------------------------
+# outbound: locally submitted mail (sendmail, cron) through pickup
+
+
+def local_services(submission: int, filter_port: int, reinject: int) -> str:
+    """postfix-master-out.cf plus postfix-master-out-local.cf (pickup's content_filter)."""
+    local = adapt_master_cf(
+        (CONF / "postfix-master-out-local.cf").read_text(encoding="utf-8"),
+        ports={10027: filter_port},
+    )
+    return outbound_services(submission, filter_port, reinject) + local
+
+
+def test_locally_submitted_mail_is_signed_via_pickup(
+    postfix: Callable[..., PostfixInstance],
+    dkproxy: Callable[..., ProxyProcess],
+    smtp_sink: Callable[..., SmtpSink],
+    signing_key: str,
+    dns_server: DNSServer,
+) -> None:
+    submission, filter_port, reinject = free_port(), free_port(), free_port()
+    sink = smtp_sink()
+    dkproxy("out", sign_args(signing_key), f"{LOOPBACK}:{reinject}", port=filter_port)
+    mta = postfix(
+        services=local_services(submission, filter_port, reinject),
+        relayhost=f"[{LOOPBACK}]:{sink.port}",
+    )
+    # What cron or a script hands to sendmail: LF line ends, no Date or Message-ID of its own.
+    cron = b"From: Cron Daemon <alice@example.org>\nTo: bob@example.net\nSubject: cron\n\nok\n"
+    script = message("script", b"Report from a script.\r\n").replace(b"\r\n", b"\n")
+    mta.sendmail(SENDER, [RCPT], cron)
+    mta.sendmail(SENDER, [RCPT], script)
+    submit(submission, message("smtp", b"And one over SMTP.\r\n"))  # the SMTP path still works
+
+    arrived = by_subject(sink.wait_for(3, timeout=60))
+    assert set(arrived) == {"cron", "script", "smtp"}
+    assert_signed_by_dkproxy([msg.data for msg in arrived.values()], dns_server)
+    # The script's message arrives as written (in CRLF form) below the fields added.
+    added = fields_above(arrived["script"].data, script.replace(b"\n", b"\r\n"))
+    names = [name for name, _ in added]
+    assert names[0] == "received" and names[-1] == "received", names
+    assert sorted(names[1:3]) == ["dkim-signature", "domainkey-signature"], names
+    assert b"from userid 0" in added[-1][1]  # pickup's Received: signed, then re-injected
+    wait_log(mta, sent_to(filter_port), 3)
+    mta.wait_queue(lambda queue: not queue)
+
+
+# --------------------------------------------------------------------------------------------
+# before-queue (smtpd_proxy_filter): outbound on submission, inbound on port 25
+
+
+def proxy_outbound_services(submission: int, filter_port: int, reinject: int) -> str:
+    """conf/postfix-master-out-proxy.cf on test ports, mynetworks may submit (no TLS/SASL)."""
+    return adapt_master_cf(
+        (CONF / "postfix-master-out-proxy.cf").read_text(encoding="utf-8"),
+        ports={10027: filter_port, 10028: reinject},
+        services={"submission": f"{LOOPBACK}:{submission}"},
+        options={
+            "submission": {
+                "smtpd_tls_security_level": None,
+                "smtpd_sasl_auth_enable": None,
+                "smtpd_client_restrictions": "permit_mynetworks,reject",
+            }
+        },
+    )
+
+
+def proxy_inbound_services(public: int, filter_port: int, reinject: int) -> str:
+    """conf/postfix-master-in-proxy.cf on test ports (its port-25 smtpd moved to `public`)."""
+    return adapt_master_cf(
+        (CONF / "postfix-master-in-proxy.cf").read_text(encoding="utf-8"),
+        ports={10025: filter_port, 10026: reinject},
+        services={"smtp": f"{LOOPBACK}:{public}"},
+    )
+
+
+def test_outbound_before_queue_signs_on_the_way_into_the_queue(
+    postfix: Callable[..., PostfixInstance],
+    dkproxy: Callable[..., ProxyProcess],
+    smtp_sink: Callable[..., SmtpSink],
+    signing_key: str,
+    dns_server: DNSServer,
+) -> None:
+    submission, filter_port, reinject = free_port(), free_port(), free_port()
+    sink = smtp_sink()
+    signer = dkproxy("out", sign_args(signing_key), f"{LOOPBACK}:{reinject}", port=filter_port)
+    mta = postfix(
+        services=proxy_outbound_services(submission, filter_port, reinject),
+        relayhost=f"[{LOOPBACK}]:{sink.port}",
+    )
+    eight_bit = "Grüße aus Köln\r\n.leading dot\r\n".encode()
+    cases = {
+        "plain": (message("plain", b"Hello Bob.\r\n"), ()),
+        "eight-bit": (
+            message(
+                "eight-bit",
+                eight_bit,
+                "MIME-Version: 1.0",
+                "Content-Type: text/plain; charset=utf-8",
+                "Content-Transfer-Encoding: 8bit",
+            ),
+            ("BODY=8BITMIME",),
+        ),
+        "attachment": (attachment_message("attachment", 512 * 1024), ()),
+    }
+    for data, options in cases.values():
+        submit(submission, data, options)
+    arrived = by_subject(sink.wait_for(len(cases), timeout=60))
+    for subject, (data, _) in cases.items():
+        # Signed between the submission smtpd's Received (below) and the queueing smtpd's.
+        assert_signed_in_between(fields_above(arrived[subject].data, data))
+    assert "BODY=8BITMIME" in arrived["eight-bit"].mail_params  # untouched, as with a milter
+    assert_signed_by_dkproxy([msg.data for msg in arrived.values()], dns_server)
+    # Queued once per message: one queue ID each, no second pass through a content filter.
+    log = wait_log(mta, sent_to(sink.port), len(cases))
+    assert len(re.findall(r"qmgr\[\d+\]: \w+: from=<alice@example\.org>", log)) == len(cases)
+    assert not re.search(sent_to(filter_port), log)  # nothing was delivered *to* dkproxy
+    assert len(re.findall(r"rcpts=1 .* signed=", signer.log)) == len(cases)
+
+    # dkproxy down: the client is told to come back later; nothing is queued unsigned.
+    # (Postfix answers the RCPT with 451 when it cannot open the proxy session, and tells
+    # the postmaster, whose notice goes to the sink.)
+    signer.stop()
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        submit(submission, message("while-down", b"Must not be queued unsigned.\r\n"))
+    ((code, _text),) = refused.value.recipients.values()
+    assert 400 <= code < 500, refused.value
+    time.sleep(1)
+    assert mta.queue() == []
+    assert "while-down" not in {msg.header("Subject") for msg in sink.messages()}
+
+
+def test_inbound_before_queue_rejects_at_smtp_time(
+    postfix: Callable[..., PostfixInstance],
+    dkproxy: Callable[..., ProxyProcess],
+    smtp_sink: Callable[..., SmtpSink],
+    signing_key: str,
+    clean_dns: DNSServer,
+) -> None:
+    strict = "strict.example"
+    clean_dns.publish({f"_dmarc.{strict}": ["v=DMARC1; p=reject"], strict: ["v=spf1 -all"]})
+    public, filter_port, reinject = free_port(), free_port(), free_port()
+    sink = smtp_sink()
+    verify_args = [f"--hostname={AUTHSERV}", f"--dns_server={clean_dns.address}",
+                   "--reject_fail"]  # fmt: skip
+    verifier = dkproxy("in", verify_args, f"{LOOPBACK}:{reinject}", port=filter_port)
+    mta = postfix(
+        services=proxy_inbound_services(public, filter_port, reinject),
+        relayhost=f"[{LOOPBACK}]:{sink.port}",
+    )
+    good = message("perl-signed", b"Signed by Mail::DKIM.\r\n")
+    good = sign_mail_dkim(good, signing_key, DOMAIN, SELECTOR)
+    submit(public, good)
+    # From a domain whose DMARC record says p=reject, unsigned and failing SPF: refused
+    # inside the SMTP session, with dkproxy's answer to the end of DATA.
+    for number, (author, envelope) in enumerate(
+        [(f"mallory@{strict}", f"mallory@{strict}"), (f"ceo@{strict}", "bounce@elsewhere.test")]
+    ):
+        forged = message(f"forged-{number}", b"Pay this invoice.\r\n").replace(
+            f"<{SENDER}>".encode(), f"<{author}>".encode()
+        )
+        with (
+            smtplib.SMTP(LOOPBACK, public, local_hostname=CLIENT_HELO, timeout=60) as client,
+            pytest.raises(smtplib.SMTPDataError) as rejected,
+        ):
+            client.sendmail(envelope, [RCPT], forged)
+        assert rejected.value.smtp_code == 550, rejected.value
+        assert b"5.7.1" in rejected.value.smtp_error, rejected.value
+
+    (msg,) = sink.wait_for(1, timeout=40)
+    results = auth_results(msg.data)
+    assert [r.result for r in results["dkim"]] == ["pass"]
+    names = [name for name, _ in fields_above(msg.data, good)]
+    assert names == ["received", "authentication-results", "received"], names
+    log = wait_log(mta, r"proxy-reject: END-OF-MESSAGE: 550 5\.7\.1 ", 2)
+    assert "bounce" not in log.lower().replace("bounce@elsewhere.test", "")
+    assert len(re.findall(r"dmarc=fail", verifier.log)) == 2
+    time.sleep(1)
+    assert mta.queue() == []  # nothing accepted, so nothing to bounce later
+    assert len(sink.messages()) == 1

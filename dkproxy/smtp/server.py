@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from dkproxy.daemon import AccessList
+from dkproxy import metrics
+from dkproxy.daemon import AccessList, sd_notify
 from dkproxy.session import Assembler, Processor, Proxy
 from dkproxy.smtp.downstream import DownstreamPool, PoolPressure
 from dkproxy.smtp.listener import Listener
@@ -82,6 +83,7 @@ class ProxyServer:
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
+        metrics.session_opened()
         self.connections += 1
         if self.max_connections and self.connections >= self.max_connections:
             assert self._stopping is not None
@@ -96,10 +98,12 @@ class ProxyServer:
         task = asyncio.current_task()
         if task is not None:
             self.sessions.discard(task)
+        metrics.session_closed()
 
     def downstream_failed(self, kind: str) -> None:
         """A downstream session failed: kind is "connect", "timeout", "closed", "refused" or
         "protocol" (the session has logged the details)."""
+        metrics.downstream_error(kind)
 
     def _listener(self) -> Listener:
         return Listener(self)
@@ -179,6 +183,10 @@ def run(
     processor = processor_factory()
     if after_load is not None:
         after_load()
+    # The socket is bound and listening and the keys are loaded: connections queue in the
+    # backlog until the workers accept them, so systemd may start Postfix now.
+    status = f"accepting mail, {max(workers, 1)} worker(s)"
+    sd_notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
     runner = _event_loop_runner()
     pressure = PoolPressure()  # shared by the workers forked below
 
@@ -192,10 +200,10 @@ def run(
     if workers <= 1:
         serve_here()
         return 0
-    return _supervise(serve_here, workers)
+    return _supervise(serve_here, workers, sock)
 
 
-def _supervise(serve_here: Callable[[], None], workers: int) -> int:
+def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket) -> int:
     children: dict[int, float] = {}
     stopping = False
 
@@ -223,6 +231,10 @@ def _supervise(serve_here: Callable[[], None], workers: int) -> int:
     def on_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
+        # Our copy of the listening socket would keep the port open once the workers close
+        # theirs: new clients would be accepted by the kernel and never greeted, instead of
+        # refused at once (which an MTA retries right away elsewhere or later).
+        sock.close()
         forward(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_stop)
@@ -239,6 +251,7 @@ def _supervise(serve_here: Callable[[], None], workers: int) -> int:
         except InterruptedError:
             continue
         started = children.pop(pid, None)
+        metrics.worker_exited(pid)
         if started is None or stopping:
             continue
         log.error("worker %d exited (status %d); restarting", pid, status)

@@ -101,6 +101,22 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
+
+def base_services_except(services: str) -> str:
+    """BASE_MASTER_CF without the services `services` defines again (e.g. a snippet that
+    replaces the pickup line): master.cf must name each service once."""
+    redefined = {
+        tuple(line.split()[:2])
+        for line in services.splitlines()
+        if line.strip() and not line[0].isspace() and not line.startswith("#")
+    }
+    return "".join(
+        line + "\n"
+        for line in BASE_MASTER_CF.splitlines()
+        if line.startswith("#") or tuple(line.split()[:2]) not in redefined
+    )
+
+
 _PORT = re.compile(r"(\[?127\.0\.0\.1\]?:)(\d+)")
 
 
@@ -259,7 +275,7 @@ class PostfixInstance:
         with open(os.path.join(self.config_dir, "main.cf"), "w", encoding="utf-8") as fh:
             fh.writelines(f"{name} = {value}\n" for name, value in self.main_cf().items())
         with open(os.path.join(self.config_dir, "master.cf"), "w", encoding="utf-8") as fh:
-            fh.write(BASE_MASTER_CF + "\n" + self.services)
+            fh.write(base_services_except(self.services) + "\n" + self.services)
         # Postfix re-reads a configuration file until its mtime is over a second old (a guard
         # against half-written files), pausing 300 ms each time: backdate ours.
         past = time.time() - 60
@@ -410,6 +426,20 @@ class PostfixInstance:
                 )
             )
         return entries
+
+    def sendmail(self, sender: str, recipients: list[str], message: bytes) -> None:
+        """Submit locally, as cron or a script does: Postfix's sendmail(1) -> postdrop ->
+        maildrop queue -> pickup. `message` as a local program writes it (LF line ends)."""
+        sendmail = require_tool("sendmail")
+        proc = subprocess.run(
+            [sendmail, "-C", self.config_dir, "-f", sender, "--", *recipients],
+            input=message,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise PostfixError(f"sendmail failed: {proc.stdout!r} {proc.stderr!r}")
 
     def flush(self) -> None:
         """`postqueue -f`: deliver deferred mail now."""
