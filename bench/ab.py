@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """dkproxy against another revision of itself: same sink, same load, runs alternating.
 
-    python bench/ab.py --baseline b717667
-    python bench/ab.py --baseline main --scenarios signed,unsigned --runs 5
+    .venv/bin/python bench/ab.py --baseline b717667
+    .venv/bin/python bench/ab.py --baseline main --scenarios signed,unsigned --runs 5
 
 The baseline revision is checked out with `git worktree add` into a temporary directory and
 installed (with its own dependencies and uvloop) into its own virtualenv; this tree runs with
@@ -75,9 +75,9 @@ def install_baseline(revision: str, workdir: Path) -> Side:
                     revision], check=True)  # fmt: skip
     venv = workdir / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
-           "--disable-pip-version-check"]  # fmt: skip
-    subprocess.run([*pip, f"{tree}[fast]"], check=True)
+    pip_install = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                   "--disable-pip-version-check"]  # fmt: skip
+    subprocess.run([*pip_install, f"{tree}[fast]"], check=True)
     return Side(f"A {revision}", str(venv / "bin" / "python"), None)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """DKIMproxy 1.4 and dkproxy side by side, inbound (and outbound), with the SMTP-only rate.
 
-    python bench/compare_in.py --dkimproxy-in /tmp/dkimproxy/scripts/dkimproxy.in \\
+    .venv/bin/python bench/compare_in.py --dkimproxy-in /tmp/dkimproxy/scripts/dkimproxy.in \\
         --perl5lib /tmp/dkimproxy/lib [--dkimproxy-out /tmp/dkimproxy/scripts/dkimproxy.out]
 
 Everything runs in a private network and mount namespace (`unshare --net --mount`, as root):

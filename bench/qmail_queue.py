@@ -17,7 +17,7 @@ afterwards; run as root, with qmail-send stopped), else a stand-in
 that reads fd 0 and fd 1 like it and exits 0. `--inject` goes through qmail-inject instead
 (QMAILQUEUE set), as local mail does.
 
-    python bench/qmail_queue.py --count 100 [--size 3072] [--inject]
+    .venv/bin/python bench/qmail_queue.py --count 100 [--size 3072] [--inject]
 """
 
 from __future__ import annotations
