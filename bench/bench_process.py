@@ -11,7 +11,7 @@ does not count. Every DNS answer the verifier needs is in its resolver's cache b
     .venv/bin/python bench/bench_process.py                      # 3 KB, 100 KB, 1 MB
     .venv/bin/python bench/bench_process.py --sizes 3000 --seconds 2 --rounds 5
     .venv/bin/python bench/bench_process.py --profile in --sizes 3000    # cProfile of the verifier
-    .venv/bin/python bench/bench_process.py --tree /tmp/old             # another revision's dkproxy/
+    .venv/bin/python bench/bench_process.py --tree /tmp/old   # another revision's dkproxy/
 
 Outbound: `OutboundSigner` from a `dkproxy out` command line with DKIM rsa-sha256 relaxed and
 DomainKeys nofws (one RSA-2048 key): "beyond RSA" is its cost minus two RSA signatures.
