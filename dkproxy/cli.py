@@ -24,6 +24,8 @@ commands:
   keygen        generate a key pair and the DNS records to publish
   dnscheck      check that DNS publishes the keys a configuration signs with
   check-config  load a configuration, its keys and maps, and print the signing rules
+  relay         submission relay for applications: TLS + AUTH, signing, smarthost
+  passwd        add or change a login in a relay credentials file
 
 Run `dkproxy COMMAND --help` for the options of a command.
 """
@@ -129,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         from dkproxy.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "relay":
+        from dkproxy.relaymode.server import main as relay_main
+
+        return relay_main(rest)
+    if command == "passwd":
+        from dkproxy.relaymode.passwd import main as passwd_main
+
+        return passwd_main(rest)
     if command in ("keygen", "dnscheck", "check-config"):
         from dkproxy import keytools
 
