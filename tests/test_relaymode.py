@@ -190,3 +190,189 @@ def test_signed_mail_delivered_and_verified_by_mail_dkim(
     assert [(r.kind, r.result) for r in results] == [("domainkeys", "pass"), ("dkim", "pass")]
     assert "login=webapp" in relay.log
     assert "signed=dkim(d=example.org,s=sel2048,a=rsa-sha256),domainkeys(" in relay.log
+
+
+def test_implicit_tls_on_both_sides(
+    tmp_path: Path,
+    certs: dict[str, CertFiles],
+    credentials: dict[str, str],
+    key_dir: KeySet,
+    signing_dns: DNSServer,
+) -> None:
+    """swaks --tlsc (port 465 style) in, implicit TLS to the smarthost out, AUTH LOGIN."""
+    with SmtpSmarthost(
+        certs["smarthost"], implicit_tls=True, logins=dict([SMARTHOST_LOGIN])
+    ) as hop:
+        setup = make_setup(tmp_path, certs, credentials, key_dir, hop, hop_tls="implicit")
+        data = message(subject="implicit both sides")
+        with setup.process() as relay:
+            status, transcript = swaks(
+                setup.tls_port, data=data, tls="implicit", auth=("webapp", PASSWORDS["webapp"]),
+                mechanism="LOGIN",
+            )  # fmt: skip
+            assert status == 0, transcript + relay.log
+        [arrival] = hop.arrivals
+        assert arrival.login == SMARTHOST_LOGIN[0]
+        assert (
+            hop.auth_attempts[-1] == ("PLAIN", *SMARTHOST_LOGIN)
+            or hop.auth_attempts[-1][1:] == SMARTHOST_LOGIN
+        )
+        fields, rest = our_fields_and_rest(arrival.data)
+        assert rest == data + b"\r\n"
+        assert "with ESMTPSA" in fields[-1].decode()
+        assert "(using TLSv1." in fields[-1].decode()
+        results = verify_mail_dkim(arrival.data, signing_dns)
+        assert {r.result for r in results} == {"pass"} and len(results) == 2
+
+
+def test_bcrypt_login_and_sender_map_entry_by_address(
+    setup: RelaySetup, smarthost: SmtpSmarthost
+) -> None:
+    """printer (a bcrypt hash) may use scanner@example.com, listed by address in the map."""
+    data = message(sender="scanner@example.com", subject="scan")
+    with setup.process() as relay:
+        status, transcript = swaks(
+            relay.port, sender="scanner@example.com", data=data,
+            auth=("printer", PASSWORDS["printer"]),
+        )  # fmt: skip
+        assert status == 0, transcript + relay.log
+    assert [a.mail_from for a in smarthost.arrivals] == ["scanner@example.com"]
+
+
+# -- refusals on the client side -------------------------------------------------------------
+
+
+def _client(port: int, ca: str, starttls: bool = True) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, timeout=60)
+    client.ehlo("probe.example.test")
+    if starttls:
+        client.starttls(context=ssl.create_default_context(cafile=ca))
+        client.ehlo("probe.example.test")
+    return client
+
+
+def _plain(login: str, password: str) -> str:
+    return base64.b64encode(f"\0{login}\0{password}".encode()).decode()
+
+
+def test_auth_before_tls_is_refused(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    """AUTH is not offered before STARTTLS: 530 while TLS is required, 538 where plaintext
+    MAIL is allowed (require_tls = false); swaks cannot authenticate without TLS."""
+    with setup.process() as relay:
+        client = _client(relay.port, setup.relay_cert.ca, starttls=False)
+        assert not client.has_extn("auth")
+        assert client.has_extn("starttls")
+        code, text = client.docmd("AUTH", "PLAIN " + _plain("webapp", PASSWORDS["webapp"]))
+        assert code == 530, text
+        code, _ = client.docmd("MAIL", "FROM:<alice@example.org>")
+        assert code == 530
+        client.close()
+        status, transcript = swaks(
+            relay.port, tls=None, auth=("webapp", PASSWORDS["webapp"]), data=message()
+        )
+        assert status != 0 and "250 2.0.0 Ok: queued" not in transcript
+    setup.sections["listen"]["require_tls"] = False
+    with setup.process() as relay:
+        client = _client(relay.port, setup.relay_cert.ca, starttls=False)
+        assert not client.has_extn("auth")
+        code, text = client.docmd("AUTH", "LOGIN")
+        assert code == 538, text
+        # Without AUTH and outside any allow list, this client may not relay at all.
+        code, text = client.docmd("MAIL", "FROM:<alice@example.org>")
+        assert code == 530, text
+        client.close()
+    assert smarthost.arrivals == []
+
+
+def test_wrong_password_535_after_a_delay(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    setup.sections["auth"]["failure_delay"] = 1.0
+    with setup.process() as relay:
+        for login, password in (
+            ("webapp", "wrong password"),
+            ("webapp", PASSWORDS["printer"]),  # another login's password
+            ("nobody", PASSWORDS["webapp"]),  # unknown login
+        ):
+            status, transcript = swaks(relay.port, auth=(login, password), data=message())
+            assert status != 0
+            assert "<~* 535 5.7.8" in transcript, transcript
+        client = _client(relay.port, setup.relay_cert.ca)
+        started = time.monotonic()
+        code, _ = client.docmd("AUTH", "PLAIN " + _plain("webapp", "still wrong"))
+        assert code in (535, 421)
+        assert time.monotonic() - started >= 1.0  # the per-client delay, growing per failure
+        client.close()
+    assert smarthost.arrivals == []
+    assert "AUTH PLAIN failed for login=webapp" in relay.log
+    assert "failed for an unknown login" in relay.log
+
+
+def test_too_many_auth_failures_get_421(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    setup.sections["auth"].update(max_failures=2, failure_delay=0.1)
+    with setup.process() as relay:
+        client = _client(relay.port, setup.relay_cert.ca)
+        code, _ = client.docmd("AUTH", "PLAIN " + _plain("webapp", "guess 1"))
+        assert code == 535
+        code, text = client.docmd("AUTH", "PLAIN " + _plain("webapp", "guess 2"))
+        assert code == 421, text
+        # The client stays locked out for the window, even with the right password.
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP("127.0.0.1", relay.port, timeout=30)
+        assert refused.value.smtp_code == 421
+        status, transcript = swaks(relay.port, auth=("webapp", PASSWORDS["webapp"]))
+        assert status != 0 and "421 4.7.0" in transcript
+    assert "too many authentication failures" in relay.log
+
+
+@pytest.mark.parametrize(
+    ("envelope_sender", "header", "expected"),
+    [
+        ("mallory@victim.example", "From: <alice@example.org>", "<~* 553 5.7.1 <mallory"),
+        ("someone@example.com", "From: <alice@example.org>", "<~* 553 5.7.1"),
+        ("alice@example.org", "From: <ceo@victim.example>", "From address <ceo@victim.example>"),
+        (
+            "alice@example.org",
+            "From: <alice@example.org>, <ceo@victim.example>",
+            "From address <ceo@victim.example>",
+        ),
+        (
+            "alice@example.org",
+            "From: <alice@example.org>\r\nSender: <ceo@victim.example>",
+            "Sender address <ceo@victim.example>",
+        ),
+    ],
+)
+def test_sender_outside_the_logins_map_553(
+    setup: RelaySetup,
+    smarthost: SmtpSmarthost,
+    envelope_sender: str,
+    header: str,
+    expected: str,
+) -> None:
+    """MAIL FROM and every From/Sender header address must be mapped to the login."""
+    data = (
+        f"{header}\r\nTo: <bob@example.net>\r\nSubject: spoof\r\n\r\nbody\r\n"
+    ).encode()  # fmt: skip
+    with setup.process() as relay:
+        status, transcript = swaks(
+            relay.port, sender=envelope_sender, data=data,
+            auth=("webapp", PASSWORDS["webapp"]),
+        )  # fmt: skip
+        assert status != 0
+        assert expected in transcript, transcript
+        assert "553" in transcript
+        assert "refused" in relay.log
+    assert smarthost.arrivals == []
+
+
+def test_allowed_network_relays_without_auth(
+    setup: RelaySetup, smarthost: SmtpSmarthost, signing_dns: DNSServer
+) -> None:
+    """A printer on an allowed network sends without AUTH and is signed; the Received field
+    then says ESMTPS (TLS, no AUTH) and names no login."""
+    setup.sections["clients"] = {"relay_without_auth": ["127.0.0.0/8"]}
+    with setup.process() as relay:
+        status, transcript = swaks(relay.port, data=message(subject="printer"))
+        assert status == 0, transcript + relay.log
+    [arrival] = smarthost.arrivals
+    received = our_fields_and_rest(arrival.data)[0][-1].decode()
+    assert "with ESMTPS id" in received and "Authenticated" not in received
