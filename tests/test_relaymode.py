@@ -376,3 +376,237 @@ def test_allowed_network_relays_without_auth(
     [arrival] = smarthost.arrivals
     received = our_fields_and_rest(arrival.data)[0][-1].decode()
     assert "with ESMTPS id" in received and "Authenticated" not in received
+
+
+# -- the smarthost hop -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hop_tls", ["starttls", "implicit"])
+@pytest.mark.parametrize("cert_name", ["rogue", "elsewhere"])
+def test_untrusted_smarthost_certificate_gives_4xx_and_a_reason(
+    tmp_path: Path,
+    certs: dict[str, CertFiles],
+    credentials: dict[str, str],
+    key_dir: KeySet,
+    hop_tls: str,
+    cert_name: str,
+) -> None:
+    """A certificate from a CA we do not trust (rogue), or for another name (elsewhere):
+    the client gets 451 4.7.5 and keeps its mail; the log says why; no password is sent."""
+    implicit = hop_tls == "implicit"
+    with SmtpSmarthost(
+        certs[cert_name], implicit_tls=implicit, logins=dict([SMARTHOST_LOGIN])
+    ) as hop:
+        setup = make_setup(tmp_path, certs, credentials, key_dir, hop, hop_tls=hop_tls)
+        if cert_name == "elsewhere":
+            setup.sections["smarthost"]["ca_file"] = certs["elsewhere"].ca
+        with setup.process() as relay:
+            status, transcript = swaks(
+                relay.port, data=message(), auth=("webapp", PASSWORDS["webapp"])
+            )
+            assert status != 0
+            assert "451 4.7.5" in transcript, transcript
+        assert hop.arrivals == [] and hop.auth_attempts == []
+    reason = "unable to get local issuer" if cert_name == "rogue" else "IP address mismatch"
+    assert "TLS certificate verification failed" in relay.log
+    assert any(reason in line and "smarthost" in line for line in relay.log.splitlines()), relay.log
+
+
+def test_tls_verify_false_is_explicit_and_loud(
+    tmp_path: Path, certs: dict[str, CertFiles], credentials: dict[str, str], key_dir: KeySet
+) -> None:
+    with SmtpSmarthost(certs["rogue"], logins=dict([SMARTHOST_LOGIN])) as hop:
+        setup = make_setup(tmp_path, certs, credentials, key_dir, hop)
+        setup.sections["smarthost"]["tls_verify"] = False
+        with setup.process() as relay:
+            status, transcript = swaks(
+                relay.port, data=message(), auth=("webapp", PASSWORDS["webapp"])
+            )
+            assert status == 0, transcript + relay.log
+        assert len(hop.arrivals) == 1
+    warning = [line for line in relay.log.splitlines() if "tls_verify" in line]
+    assert warning and " WARNING " in warning[0] and "NOT verified" in warning[0]
+
+
+def test_smarthost_refusing_our_login_gives_4xx(
+    setup: RelaySetup, smarthost: SmtpSmarthost
+) -> None:
+    smarthost.refuse_logins()
+    with setup.process() as relay:
+        status, transcript = swaks(relay.port, data=message(), auth=("webapp", PASSWORDS["webapp"]))
+        assert status != 0
+        assert "451 4.7.0 smarthost refused our login" in transcript, transcript + relay.log
+    assert smarthost.arrivals == []
+    assert [attempt[1:] for attempt in smarthost.auth_attempts][:1] == [SMARTHOST_LOGIN]
+    assert f"refused our login '{SMARTHOST_LOGIN[0]}': 535" in relay.log
+
+
+def test_unreachable_smarthost_gives_4xx(
+    tmp_path: Path, certs: dict[str, CertFiles], credentials: dict[str, str], key_dir: KeySet
+) -> None:
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    setup = make_setup(tmp_path, certs, credentials, key_dir, closed)
+    with setup.process() as relay:
+        status, transcript = swaks(relay.port, data=message(), auth=("webapp", PASSWORDS["webapp"]))
+        assert status != 0
+        assert "451 4.4.1 smarthost" in transcript, transcript
+    assert "unreachable" in relay.log
+
+
+@pytest.mark.parametrize(
+    ("stage", "reply"),
+    [
+        ("mail", "452 4.3.1 Insufficient system storage"),
+        ("mail", "550 5.7.1 Sender blocked by policy"),
+        ("data", "451 4.3.0 Try again later"),
+        ("data", "554 5.7.1 Message rejected as spam"),
+    ],
+)
+def test_smarthost_replies_are_passed_back(
+    setup: RelaySetup, smarthost: SmtpSmarthost, stage: str, reply: str
+) -> None:
+    """Proxy semantics: the client gets the smarthost's own answer, never our 250."""
+    (smarthost.answer_mail if stage == "mail" else smarthost.answer_data)(reply)
+    with setup.process() as relay:
+        status, transcript = swaks(relay.port, data=message(), auth=("webapp", PASSWORDS["webapp"]))
+        assert status != 0
+        assert reply in transcript, transcript + relay.log
+        assert "250 2.0.0" not in transcript
+
+
+# -- start-up checks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            {"listen": {"addresses": ["0.0.0.0:2587"]}},
+            "listen.addresses: 0.0.0.0:2587 is not a loopback",
+        ),
+        (
+            {"listen": {"addresses": [], "tls_addresses": ["[::]:2465"]}},
+            "listen.tls_addresses: [::]:2465",
+        ),
+        (
+            {
+                "listen": {"addresses": ["192.0.2.1:2587"]},
+                "clients": {"relay_without_auth": ["0.0.0.0/0"]},
+            },
+            "clients.relay_without_auth",
+        ),
+    ],
+)
+def test_open_relay_configuration_is_refused_at_start(
+    tmp_path: Path,
+    certs: dict[str, CertFiles],
+    credentials: dict[str, str],
+    key_dir: KeySet,
+    change: dict[str, dict[str, object]],
+    named: str,
+) -> None:
+    setup = make_setup(tmp_path, certs, credentials, key_dir, "127.0.0.1:1")
+    del setup.sections["auth"]
+    for table, values in change.items():
+        setup.sections.setdefault(table, {}).update(values)
+    path = setup.write()
+    done = run_dkproxy("relay", "-c", path)
+    assert done.returncode == 1
+    assert f"{path}: {named}" in done.stderr, done.stderr
+    checked = run_dkproxy("check-config", path)
+    assert checked.returncode == 1 and named in checked.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (
+            {"smarthost": {"tls": "none"}, "_smarthost_address": "192.0.2.7:25"},
+            "smarthost.tls: 'none' is only allowed",
+        ),
+        ({"smarthost": {"colour": "blue"}}, "smarthost.colour: unknown key"),
+        ({"listen": {"certificate": None}}, "listen.certificate: needed with the other"),
+        ({"auth": {"sender_login_map": None}}, "auth.sender_login_map: missing"),
+        ({"_password_mode": 0o644}, "smarthost.password_file: "),
+        ({"signing": {"defaults": {"selector": "bad selector!"}}}, "signing: defaults.selector"),
+    ],
+)
+def test_bad_configuration_names_file_and_key(
+    tmp_path: Path,
+    certs: dict[str, CertFiles],
+    credentials: dict[str, str],
+    key_dir: KeySet,
+    change: dict[str, object],
+    named: str,
+) -> None:
+    setup = make_setup(tmp_path, certs, credentials, key_dir, "127.0.0.1:1")
+    password_file = tmp_path / "hop.password"
+    password_file.write_text("secret\n")
+    password_file.chmod(change.pop("_password_mode", 0o600))  # type: ignore[arg-type]
+    setup.sections["smarthost"]["password_file"] = str(password_file)
+    if "_smarthost_address" in change:
+        setup.sections["smarthost"]["address"] = change.pop("_smarthost_address")
+    signing = change.pop("signing", None)
+    for table, values in change.items():
+        for key, value in values.items():  # type: ignore[attr-defined]
+            if value is None:
+                setup.sections[table].pop(key, None)
+            else:
+                setup.sections[table][key] = value
+    path = setup.write()
+    if signing is not None:
+        text = (
+            Path(path)
+            .read_text()
+            .replace(f'selector = "{setup.selector}"', 'selector = "bad selector!"')
+        )
+        Path(path).write_text(text)
+    done = run_dkproxy("relay", "-c", path)
+    assert done.returncode == 1
+    assert f"{path}: {named}" in done.stderr, done.stderr
+    assert "secret" not in done.stderr
+
+
+def test_check_config_describes_the_relay(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    path = setup.write()
+    done = run_dkproxy("check-config", path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert f"{path}: relay configuration" in out
+    assert f"listen  127.0.0.1:{setup.port} (STARTTLS required before MAIL and AUTH)" in out
+    assert f"listen  127.0.0.1:{setup.tls_port} (implicit TLS)" in out
+    assert "AUTH PLAIN LOGIN after TLS: 2 logins" in out
+    assert "sender-login map" in out and "2 entries" in out
+    assert (
+        f"smarthost  {smarthost.address} (starttls TLS, certificate: {setup.smarthost_ca})" in out
+    )
+    assert f"smarthost login  {SMARTHOST_LOGIN[0]} (password from file)" in out
+    assert "rule example.org" in out and "configuration ok" in out
+    assert SMARTHOST_LOGIN[1] not in out
+
+
+# -- secrets stay secret ------------------------------------------------------------------------
+
+
+def test_no_password_in_the_log_at_debug_level(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    """Good and bad logins with PLAIN and LOGIN, a password typed as a login name, and the
+    smarthost login: neither the passwords nor their base64 forms reach the debug log."""
+    typed_as_login = "my-secret-typed-into-the-user-field"
+    with setup.process() as relay:
+        for login, password, mechanism in (
+            ("webapp", PASSWORDS["webapp"], "PLAIN"),
+            ("webapp", PASSWORDS["webapp"], "LOGIN"),
+            ("webapp", "wrong-password-one", "PLAIN"),
+            ("printer", "wrong-password-two", "LOGIN"),
+            (typed_as_login, "whatever-three", "PLAIN"),
+        ):
+            swaks(relay.port, data=message(), auth=(login, password), mechanism=mechanism)
+        log = relay.log
+    assert len(smarthost.arrivals) == 2
+    assert " DEBUG " in log  # the log level really was debug
+    secrets = [PASSWORDS["webapp"], "wrong-password-one", "wrong-password-two", "whatever-three",
+               typed_as_login, SMARTHOST_LOGIN[1]]  # fmt: skip
+    for secret in secrets:
+        assert secret not in log
+        assert base64.b64encode(secret.encode()).decode()[:12] not in log
+    assert _plain("webapp", PASSWORDS["webapp"])[:20] not in log

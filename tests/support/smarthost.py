@@ -221,7 +221,7 @@ class SmtpSmarthost:
             not self.behaviour.refuse_all_logins
             and self.behaviour.accept_logins.get(login) == password
         )
-        return AuthResult(success=ok, auth_data=data)
+        return AuthResult(success=ok, handled=False, auth_data=data)
 
     def refuse_logins(self) -> None:
         self.behaviour.refuse_all_logins = True
