@@ -1,30 +1,33 @@
-"""The relay's listener: aiosmtpd's SMTP with its own STARTTLS and AUTH, and relay rules.
+"""The relay's listener: the SMTP layer's Listener with aiosmtpd's STARTTLS and AUTH, and
+the rules of a submission relay.
 
-aiosmtpd does the protocol: the command loop, STARTTLS (`tls_context`, `require_starttls`:
-530 before STARTTLS when TLS is required), AUTH (`auth_require_tls`: 538 before TLS, 503
-when already authenticated, 504 for other mechanisms), SIZE (`data_size_limit`: advertised,
-552 beyond) and the DATA phase. This module adds what a submission relay decides:
+`dkproxy.smtp.listener.Listener` (an `aiosmtpd.smtp.SMTP` subclass) relays MAIL, RCPT and
+the end of DATA to the downstream verbatim and passes its replies back; aiosmtpd does STARTTLS
+(`tls_context`, `require_starttls`: 530 before STARTTLS when TLS is required) and AUTH
+(`auth_require_tls`: 538 before TLS, 503 when already authenticated, 504 for other
+mechanisms). `RelayListener` adds what a submission relay decides:
 
-* AUTH PLAIN and LOGIN (RFC 4616, the LOGIN draft) as `auth_<NAME>` methods of the subclass,
-  aiosmtpd's extension point for mechanisms: they read the exchange with the library's
-  `challenge_auth` and return its AuthResult, but check the password without blocking the
-  event loop (argon2id takes tens of milliseconds by design; aiosmtpd's `authenticator`
-  hook is synchronous). A failure is answered 535 after a per-client delay; too many
-  failures get 421 and close the session (ClientGuard).
+* AUTH PLAIN and LOGIN (RFC 4616, draft-murchison-sasl-login) as `auth_<NAME>` methods, the
+  extension point aiosmtpd gives mechanisms: they read the exchange with the library's
+  `challenge_auth` and return its AuthResult, but check the password in a thread (argon2id
+  takes tens of milliseconds by design, and aiosmtpd's `authenticator` hook is synchronous:
+  it would stop every session while one password is checked). A failure is answered 535
+  after a per-client delay; too many failures get 421 and close the session (ClientGuard).
+* EHLO is answered here, with our own name to the smarthost and our own capabilities to the
+  client: the smarthost session opens only at the first MAIL (relaymode.smarthost).
 * who may relay: an authenticated client, a client in `clients.relay_without_auth`, or
   anyone when neither AUTH nor an allow list is configured (loopback listeners only, see
   relaymode.config); others get 530 at MAIL.
 * who may send as whom: the sender-login map checks MAIL FROM (553 at MAIL) and every
   From and Sender header address (553 at the end of DATA; Sender too, because the signer
   takes the Sender address when there is one).
-* limits: sessions and connection rate at the greeting (421), recipients (452).
-* proxy semantics: MAIL, RCPT and the end of DATA are answered with the smarthost's own
-  replies; a hop that fails gives 4xx (relaymode.smarthost).
-* signing with `dkproxy out`'s signer, and a Received field (RFC 5321 4.4) for the client,
-  with the RFC 3848 protocol name (ESMTPSA when TLS and AUTH) and the login, as Postfix
-  writes it.
+* limits: sessions and connection rate before the greeting (421), recipients (452), size
+  (SIZE advertised, 552 beyond, by the Listener).
+* signing with `dkproxy out`'s signer and a Received field (RFC 5321 4.4) for the client,
+  with the RFC 3848 protocol name (ESMTPSA for TLS and AUTH) and the login, as Postfix
+  writes them (`RelayLogic`, the session.Proxy of the relay).
 
-aiosmtpd logs every command line and DATA line on the `mail.log` logger; the relay keeps that
+aiosmtpd logs command lines and DATA lines on the `mail.log` logger; the relay keeps that
 logger at WARNING so that no message content or credential reaches the log, even at debug.
 """
 
@@ -37,15 +40,20 @@ import ipaddress
 import logging
 import re
 import secrets
-import time
 from base64 import b64decode
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
-from dkproxy.message import Message, MessageFormatError
-from dkproxy.relaymode.smarthost import HopFailed, HopReply, HopSession
-from dkproxy.relaymode.state import RelayService
+from dkproxy.message import Buffer, Message, MessageFormatError
+from dkproxy.session import Envelope, Outcome, Proxy
+from dkproxy.signer import assemble
+from dkproxy.smtp.downstream import DownstreamError, Reply, local_reply
+from dkproxy.smtp.listener import _MAIL_FROM, Listener, _address
+
+if TYPE_CHECKING:
+    from dkproxy.relaymode.state import RelayService, RelayState
 
 log = logging.getLogger("dkproxy.relay")
 
@@ -53,11 +61,6 @@ _HELO_SAFE = re.compile(r"[A-Za-z0-9.\-_:\[\]]{1,255}")
 REPLY_AUTH_REQUIRED = "530 5.7.0 Error: authentication required"
 REPLY_AUTH_FAILED = "535 5.7.8 Error: authentication failed"
 REPLY_TOO_MANY_FAILURES = "421 4.7.0 Error: too many authentication failures"
-
-
-def _peer_ip(session: Session) -> str:
-    peer = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) else "unknown"
 
 
 def received_field(
@@ -106,30 +109,100 @@ def header_addresses(message: Message, name: str) -> list[str]:
     return [address for _display, address in email.utils.getaddresses(values) if address]
 
 
-class RelaySMTP(SMTP):
-    """One client connection: aiosmtpd's protocol with the relay's AUTH mechanisms."""
+@dataclass
+class RelayEnvelope(Envelope):
+    """The transaction as the relay sees it: the Envelope plus who submitted it, and how."""
+
+    login: str | None = None
+    tls: str | None = None
+    extended: bool = True
+
+
+class RelayLogic(Proxy):
+    """session.Proxy with the relay's processor: the header checks, `dkproxy out`'s signer,
+    and the Received field under the signatures."""
+
+    def __init__(self, service: RelayService) -> None:
+        super().__init__(self.process, assemble, service.settings.max_message_size)
+        self.service = service
+
+    def begin(self, peer: str, helo: str | None) -> RelayEnvelope:
+        return RelayEnvelope(peer=peer, helo=helo)
+
+    async def process(self, data: Buffer, envelope: Envelope) -> Outcome:
+        assert isinstance(envelope, RelayEnvelope)
+        state = self.service.state
+        login = envelope.login
+        prefix = f"login={login} " if login else ""
+        if login is not None:
+            refusal = header_refusal(state, login, data)
+            if refusal is not None:
+                return Outcome(
+                    reject=local_reply(553, f"5.7.1 Error: {refusal}"),
+                    summary=f"{prefix}refused: {refusal}",
+                )
+        outcome = state.signer.sign(data)
+        if outcome.reject is not None:
+            outcome.summary = prefix + outcome.summary
+            return outcome
+        queue_id = secrets.token_hex(5).upper()
+        received = received_field(
+            helo=envelope.helo,
+            client_ip=envelope.peer,
+            tls=envelope.tls,
+            login=login,
+            extended=envelope.extended,
+            hostname=self.service.hostname,
+            queue_id=queue_id,
+            recipients=envelope.rcpt_to,
+        )
+        outcome.prepend = [*outcome.prepend, received]
+        outcome.summary = f"{prefix}id={queue_id} {outcome.summary}"
+        return outcome
+
+
+def header_refusal(state: RelayState, login: str, data: Buffer) -> str | None:
+    """Why the From/Sender header addresses are not `login`'s to use, or None."""
+    if state.login_map is None:
+        return None if state.cfg.any_sender else "no sender-login map"
+    try:
+        message = Message(data)
+    except MessageFormatError as exc:
+        return f"unreadable header ({exc})"
+    for name in ("from", "sender"):
+        for address in header_addresses(message, name):
+            if not state.login_may_use(login, address):
+                label = "From" if name == "from" else "Sender"
+                return f"{label} address <{address}> not owned by user {login}"
+    return None
+
+
+class RelayListener(Listener):
+    """One client connection of `dkproxy relay`."""
 
     def __init__(self, service: RelayService, implicit_tls: bool) -> None:
         cfg = service.state.cfg
         self.service = service
         self.implicit_tls = implicit_tls
-        self._admitted = False
-        handler = RelayHandler(service, self)
+        self.admitted = False
         super().__init__(
-            handler,
-            hostname=service.hostname,
-            ident="dkproxy",
-            data_size_limit=cfg.max_message_size or None,
-            enable_SMTPUTF8=True,
-            decode_data=False,
+            service,
             # Implicit TLS (RFC 8314): the socket is TLS from the first byte, so there is no
             # STARTTLS to offer and AUTH needs no further TLS check.
             tls_context=None if implicit_tls else service.tls_context,
             require_starttls=cfg.require_tls and not implicit_tls,
             auth_require_tls=not implicit_tls,
-            timeout=cfg.command_timeout,
         )
-        self.handler = handler
+        # AUTH is offered when there are credentials; the mechanisms are the methods below.
+        self._auth_offered = service.state.credentials is not None
+        self.tx: RelayEnvelope
+
+    @property
+    def login(self) -> str | None:
+        session = self.session
+        if session is None or not session.authenticated:
+            return None
+        return session.auth_data  # type: ignore[no-any-return]
 
     @property
     def tls_description(self) -> str | None:
@@ -141,28 +214,121 @@ class RelaySMTP(SMTP):
             return None
         cipher = ssl_object.cipher()
         if not cipher:
-            return ssl_object.version()
+            return str(ssl_object.version())
         return f"{ssl_object.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
 
-    async def _handle_client(self) -> None:
-        # Limits are checked before the greeting: a refused client gets 421 and nothing else.
-        assert self.session is not None
-        refusal = self.service.guard.admit(_peer_ip(self.session))
-        if refusal is not None:
-            log.warning("client=%s refused: %s", _peer_ip(self.session), refusal[10:])
-            await self.push(refusal)
-            assert self.transport is not None
-            self.transport.close()
-            return
-        self._admitted = True
-        await super()._handle_client()
+    # -- the smarthost session: opened at the first MAIL, QUIT at the end ---------------------
 
-    def connection_lost(self, error: Exception | None) -> None:
-        if self._admitted:
-            self._admitted = False
-            self.service.guard.release()
-            self.handler.close_hop()
-        super().connection_lost(error)
+    async def _open_downstream(self) -> bool:
+        return True  # not before the greeting: see relaymode.smarthost
+
+    def _release_downstream(self) -> None:
+        downstream, self.downstream = self.downstream, None
+        if downstream is not None:
+            self.worker.pool.give_back(downstream, False)
+
+    async def _open_smarthost(self) -> str | None:
+        """Connect, TLS, AUTH at the smarthost; None, or the 451 for the client."""
+        hop = self.service.state.smarthost
+        try:
+            downstream, greeting = await self.worker.pool.open()
+        except DownstreamError as exc:
+            failure = hop.explain(exc)
+            log.warning("client=%s deferred: %s", self.peer, failure)
+            return failure.reply
+        if greeting.code != 220:
+            self.worker.pool.give_back(downstream, False)
+            failure = hop.refused(str(greeting))
+            log.warning("client=%s deferred: %s", self.peer, failure)
+            return failure.reply
+        self.downstream = downstream
+        if downstream.client.is_ehlo_or_helo_needed:
+            # No TLS and no login (a loopback smarthost): aiosmtplib has not said EHLO yet.
+            reply = await self._relay(
+                lambda d: d.ehlo(self.service.hostname.encode("ascii", "replace"))
+            )
+            if reply is None or reply.code != 250:
+                return "451 4.4.1 smarthost refused our EHLO, try again later"
+        return None
+
+    # -- commands --------------------------------------------------------------------------------
+
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        if not arg or any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._hello(arg, extended=True)
+        lines = [self.service.hostname, "PIPELINING"]
+        size = self.service.state.cfg.max_message_size
+        lines += [f"SIZE {size}" if size else "SIZE", "8BITMIME", "SMTPUTF8"]
+        lines.append("ENHANCEDSTATUSCODES")
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        if self._auth_offered and (not self._auth_require_tls or self._tls_protocol):
+            lines.append("AUTH " + " ".join(sorted(self._auth_methods)))
+        await self.send_reply(Reply(250, tuple(lines)))
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        if not arg or any(ord(c) < 0x20 or ord(c) == 0x7F for c in arg):
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        self._hello(arg, extended=False)
+        await self.push(f"250 {self.service.hostname}")
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.tx.mail_from is not None:
+            await super().smtp_MAIL(arg)  # 503 nested MAIL
+            return
+        if self.helo is None:
+            await self.push("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        # The address checked is the one the Listener records and relays (same parser).
+        match = _MAIL_FROM.match(arg or "")
+        if match is None:
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        address = _address(match.group(1))
+        state = self.service.state
+        login = self.login
+        if login is None and not state.may_relay_without_auth(self.peer):
+            log.warning("client=%s from=<%s> refused: not authenticated", self.peer, address)
+            await self.push(REPLY_AUTH_REQUIRED)
+            return
+        if login is not None and address and not state.login_may_use(login, address):
+            log.warning("client=%s login=%s from=<%s> refused: sender not owned by the login",
+                        self.peer, login, address)  # fmt: skip
+            await self.push(
+                f"553 5.7.1 <{address}>: Sender address rejected: not owned by user {login}"
+            )
+            return
+        if self.downstream is None:
+            refusal = await self._open_smarthost()
+            if refusal is not None:
+                await self.push(refusal)
+                return
+        self.tx.login = login
+        self.tx.tls = self.tls_description
+        self.tx.extended = self._extended
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if self.tx.mail_from is not None and len(self.tx.rcpt_to) >= (
+            self.service.state.cfg.max_recipients
+        ):
+            await self.push("452 4.5.3 Error: too many recipients")
+            return
+        await super().smtp_RCPT(arg)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if self.downstream is None:
+            self.reset_transaction()
+            await self.push("250 2.0.0 Ok")
+            return
+        await super().smtp_RSET(arg)
+
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        # Applications have no MTA in front of them to forward attributes for.
+        await self.push("502 5.5.1 Error: XFORWARD not supported")
 
     # -- AUTH mechanisms (aiosmtpd calls auth_<NAME>(server, args)) -------------------------
 
@@ -209,8 +375,7 @@ class RelaySMTP(SMTP):
     async def _authenticate_async(
         self, mechanism: str, login: bytes, password: bytes
     ) -> AuthResult:
-        assert self.session is not None
-        client = _peer_ip(self.session)
+        client = self.peer
         guard = self.service.guard
         credentials = self.service.state.credentials
         if guard.locked_out(client):
@@ -242,159 +407,3 @@ class RelaySMTP(SMTP):
         assert self.transport is not None
         self.transport.close()
         return AuthResult(success=False, handled=True)
-
-
-class RelayHandler:
-    """aiosmtpd handler hooks of one connection; holds its smarthost session."""
-
-    def __init__(self, service: RelayService, server: RelaySMTP) -> None:
-        self.service = service
-        self.server = server
-        self.hop: HopSession | None = None
-        self.in_transaction = False
-
-    def close_hop(self) -> None:
-        if self.hop is not None:
-            hop, self.hop = self.hop, None
-            asyncio.get_running_loop().create_task(hop.quit())
-
-    def _login(self, session: Session) -> str | None:
-        return session.auth_data if session.authenticated else None  # type: ignore[no-any-return]
-
-    async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
-        responses: list[str],
-    ) -> list[str]:  # fmt: skip
-        session.host_name = hostname
-        if self.service.state.credentials is None:
-            responses = [line for line in responses if not line[4:].upper().startswith("AUTH")]
-        return responses
-
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
-        mail_options: list[str],
-    ) -> str:  # fmt: skip
-        state = self.service.state
-        client = _peer_ip(session)
-        login = self._login(session)
-        if login is None and not state.may_relay_without_auth(client):
-            log.warning("client=%s from=<%s> refused: not authenticated", client, address)
-            return REPLY_AUTH_REQUIRED
-        if login is not None and address and not state.login_may_use(login, address):
-            log.warning("client=%s login=%s from=<%s> refused: sender not owned by the login",
-                        client, login, address)  # fmt: skip
-            return f"553 5.7.1 <{address}>: Sender address rejected: not owned by user {login}"
-        if self.hop is None or not self.hop.connected:
-            self.hop = state.smarthost.session()
-            try:
-                await self.hop.open()
-            except HopFailed as exc:
-                log.warning("client=%s from=<%s> deferred: %s", client, address, exc)
-                self.hop = None
-                return exc.reply.render()
-        reply = await self._hop_command(b"MAIL", f"FROM:<{address}>", *mail_options)
-        if reply.code == 250:
-            envelope.mail_from = address
-            envelope.mail_options.extend(mail_options)
-            self.in_transaction = True
-        return reply.render()
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
-        rcpt_options: list[str],
-    ) -> str:  # fmt: skip
-        if len(envelope.rcpt_tos) >= self.service.state.cfg.max_recipients:
-            return "452 4.5.3 Error: too many recipients"
-        if self.hop is None or not self.in_transaction:
-            return "503 5.5.1 Error: need MAIL command"
-        reply = await self._hop_command(b"RCPT", f"TO:<{address}>", *rcpt_options)
-        if reply.code == 250:
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(rcpt_options)
-        return reply.render()
-
-    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        await self._end_transaction()
-        return "250 2.0.0 OK"
-
-    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> Any:
-        self.close_hop()
-        return MISSING
-
-    async def _hop_command(self, verb: bytes, *words: str) -> HopReply:
-        assert self.hop is not None
-        try:
-            return await self.hop.command(
-                verb, *(w.encode("utf-8", "surrogateescape") for w in words)
-            )
-        except HopFailed as exc:
-            log.warning("client=%s %s", _peer_ip(self.server.session), exc)  # type: ignore[arg-type]
-            self.hop, self.in_transaction = None, False
-            return exc.reply
-
-    async def _end_transaction(self) -> None:
-        """RSET the smarthost when a transaction is open there (refused at DATA, RSET)."""
-        if self.hop is not None and self.in_transaction:
-            self.in_transaction = False
-            await self._hop_command(b"RSET")
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        started = time.monotonic()
-        state = self.service.state
-        client = _peer_ip(session)
-        login = self._login(session)
-        data: bytes = envelope.original_content or b""
-        context = f"client={client}" + (f" login={login}" if login else "")
-        context += f" from=<{envelope.mail_from}> rcpts={len(envelope.rcpt_tos)}"
-        if login is not None:
-            refusal = self._header_refusal(login, data)
-            if refusal is not None:
-                log.warning("%s refused: %s", context, refusal)
-                await self._end_transaction()
-                return f"553 5.7.1 Error: {refusal}"
-        outcome = state.signer.sign(data)
-        if outcome.reject is not None:
-            log.warning("%s %s refused: %s", context, outcome.summary, outcome.reject)
-            await self._end_transaction()
-            return str(outcome.reject)
-        queue_id = secrets.token_hex(5).upper()
-        received = received_field(
-            helo=session.host_name,
-            client_ip=client,
-            tls=self.server.tls_description,
-            login=login,
-            extended=session.extended_smtp,
-            hostname=self.service.hostname,
-            queue_id=queue_id,
-            recipients=envelope.rcpt_tos,
-        )
-        message = b"".join([*outcome.prepend, received, data])
-        if self.hop is None:
-            return "451 4.4.2 Error: smarthost connection lost, try again later"
-        self.in_transaction = False
-        try:
-            reply = await self.hop.data(message)
-        except HopFailed as exc:
-            log.warning("%s id=%s deferred: %s", context, queue_id, exc)
-            self.hop = None
-            return exc.reply.render()
-        elapsed = (time.monotonic() - started) * 1000
-        log.info("%s id=%s %s relay=%r time=%.1fms", context, queue_id, outcome.summary,
-                 str(reply), elapsed)  # fmt: skip
-        return reply.render()
-
-    def _header_refusal(self, login: str, data: bytes) -> str | None:
-        """Why the From/Sender header addresses are not the login's to use, or None."""
-        state = self.service.state
-        if state.login_map is None:
-            return None
-        try:
-            message = Message(data)
-        except MessageFormatError as exc:
-            return f"unreadable header ({exc})"
-        for name in ("from", "sender"):
-            for address in header_addresses(message, name):
-                if not state.login_may_use(login, address):
-                    label = "From" if name == "from" else "Sender"
-                    return f"{label} address <{address}> not owned by user {login}"
-        return None

@@ -19,9 +19,9 @@ import sys
 from dkproxy import daemon
 from dkproxy.config import ConfigError
 from dkproxy.relaymode.config import RelayConfig, load_relay_config
-from dkproxy.relaymode.listener import RelaySMTP
+from dkproxy.relaymode.listener import RelayListener
 from dkproxy.relaymode.state import RelayService
-from dkproxy.server import bind
+from dkproxy.smtp.server import bind
 
 log = logging.getLogger("dkproxy.relay")
 
@@ -37,7 +37,7 @@ async def serve(service: RelayService, sockets: list[tuple[socket.socket, bool]]
     for sock, implicit in sockets:
         servers.append(
             await loop.create_server(
-                lambda implicit=implicit: RelaySMTP(service, implicit),  # type: ignore[misc]
+                lambda implicit=implicit: RelayListener(service, implicit),  # type: ignore[misc]
                 sock=sock,
                 ssl=service.tls_context if implicit else None,
             )
@@ -61,6 +61,7 @@ async def serve(service: RelayService, sockets: list[tuple[socket.socket, bool]]
                  service.guard.sessions)  # fmt: skip
     while service.guard.sessions and loop.time() < deadline:
         await asyncio.sleep(0.1)
+    await service.pool.close()
     log.info("stopped")
 
 

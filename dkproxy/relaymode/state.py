@@ -1,5 +1,10 @@
 """What the relay runs with: the loaded configuration (replaced whole on SIGHUP) and the
-long-lived parts (the listener's TLS context, the client counters)."""
+long-lived parts (the listener's TLS context, the client counters, the smarthost sessions).
+
+`RelayService` is the worker the SMTP layer's listener expects (dkproxy.smtp.listener.Worker):
+session settings, the proxy logic, the downstream pool, and the session open/close hooks,
+where the per-client limits are applied.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import logging
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dkproxy.config import ConfigError
 from dkproxy.relaymode.config import RelayConfig, load_relay_config
@@ -16,6 +22,11 @@ from dkproxy.relaymode.guard import ClientGuard
 from dkproxy.relaymode.smarthost import Smarthost
 from dkproxy.relaymode.tls import load_certificate, server_context
 from dkproxy.signer import OutboundSigner
+from dkproxy.smtp.downstream import DownstreamPool
+from dkproxy.smtp.settings import SessionSettings
+
+if TYPE_CHECKING:
+    from dkproxy.smtp.listener import Listener
 
 log = logging.getLogger("dkproxy.relay")
 
@@ -46,7 +57,7 @@ class RelayState:
             credentials=credentials,
             login_map=login_map,
             signer=OutboundSigner.from_config(cfg.signing),
-            smarthost=Smarthost(cfg.smarthost, hostname),
+            smarthost=Smarthost.build(cfg.smarthost, hostname),
             networks=tuple(ipaddress.ip_network(n, strict=False) for n in cfg.relay_without_auth),
         )
 
@@ -82,6 +93,20 @@ class RelayService:
             self.tls_context = server_context(
                 cfg.certificate, cfg.key, f"{cfg.path}: listen.certificate"
             )
+        self.settings = SessionSettings(
+            hostname=self.hostname,
+            relay_host=cfg.smarthost.address.host,
+            relay_port=cfg.smarthost.address.port,
+            relay_timeout=cfg.smarthost.timeout,
+            command_timeout=cfg.command_timeout,
+            max_message_size=cfg.max_message_size,
+        )
+        # One smarthost session per client session (see relaymode.smarthost): the pool only
+        # counts them and QUITs them when given back.
+        self.pool = DownstreamPool(self.state.smarthost.settings, size=0)
+        from dkproxy.relaymode.listener import RelayLogic
+
+        self.logic = RelayLogic(self)
         self.guard = ClientGuard(
             max_sessions=cfg.max_sessions,
             max_connections_per_minute=cfg.max_connections_per_minute,
@@ -106,6 +131,25 @@ class RelayService:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         self.state = state
+        self.pool = DownstreamPool(state.smarthost.settings, size=0)
         for warning in cfg.warnings:
             log.warning("%s", warning)
         log.info("configuration reloaded (credentials, sender-login map, keys, certificate)")
+
+    # -- the Worker interface of dkproxy.smtp.listener ---------------------------------------
+
+    def session_opened(self, listener: Listener) -> str | None:
+        """Before the greeting: the 421 that refuses the client (limits), or None."""
+        refusal = self.guard.admit(listener.peer)
+        listener.admitted = refusal is None  # type: ignore[attr-defined]
+        if refusal is not None:
+            log.warning("client=%s refused: %s", listener.peer, refusal[10:])
+        return refusal
+
+    def session_closed(self, listener: Listener) -> None:
+        if getattr(listener, "admitted", False):
+            listener.admitted = False  # type: ignore[attr-defined]
+            self.guard.release()
+
+    def downstream_failed(self, kind: str) -> None:
+        """The listener has logged the details."""
