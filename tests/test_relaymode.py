@@ -610,3 +610,84 @@ def test_no_password_in_the_log_at_debug_level(setup: RelaySetup, smarthost: Smt
         assert secret not in log
         assert base64.b64encode(secret.encode()).decode()[:12] not in log
     assert _plain("webapp", PASSWORDS["webapp"])[:20] not in log
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+def _authenticated(port: int, ca: str, login: str = "webapp") -> smtplib.SMTP:
+    client = _client(port, ca)
+    client.login(login, PASSWORDS[login])
+    return client
+
+
+def test_size_is_advertised_and_enforced(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    setup.sections["limits"] = {"max_message_size": 4000}
+    with setup.process() as relay:
+        client = _authenticated(relay.port, setup.relay_cert.ca)
+        assert client.esmtp_features["size"] == "4000"
+        code, text = client.docmd("MAIL", "FROM:<alice@example.org> SIZE=4001")
+        assert code == 552, text
+        code, _ = client.docmd("MAIL", "FROM:<alice@example.org> SIZE=3000")
+        assert code == 250
+        client.docmd("RSET")
+        big = message(extra="X-Padding: " + "x" * 900 + "\r\n") + b"filler line\r\n" * 400
+        # Undeclared size: the message is read to its end, then refused.
+        client.docmd("MAIL", "FROM:<alice@example.org>")
+        client.docmd("RCPT", "TO:<bob@example.net>")
+        code, text = client.data(big)
+        assert code == 552, text
+        client.sendmail("alice@example.org", ["bob@example.net"], message(subject="small"))
+        client.quit()
+        status, transcript = swaks(relay.port, data=big, auth=("webapp", PASSWORDS["webapp"]))
+        assert status != 0 and "552 5.3.4" in transcript
+    assert len(smarthost.arrivals) == 1
+
+
+def test_recipients_per_message_are_limited(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    setup.sections["limits"] = {"max_recipients": 2}
+    with setup.process() as relay:
+        client = _authenticated(relay.port, setup.relay_cert.ca)
+        client.docmd("MAIL", "FROM:<alice@example.org>")
+        replies = [client.docmd("RCPT", f"TO:<r{n}@example.net>")[0] for n in range(4)]
+        assert replies == [250, 250, 452, 452]
+        code, _ = client.data(message())
+        assert code == 250
+        client.quit()
+    [arrival] = smarthost.arrivals
+    assert arrival.rcpt_tos == ["r0@example.net", "r1@example.net"]
+
+
+def test_concurrent_sessions_beyond_the_limit_get_421(
+    setup: RelaySetup, smarthost: SmtpSmarthost
+) -> None:
+    setup.sections["limits"] = {"max_sessions": 2}
+    with setup.process() as relay:
+        first = smtplib.SMTP("127.0.0.1", relay.port, timeout=30)
+        second = smtplib.SMTP("127.0.0.1", relay.port, timeout=30)
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP("127.0.0.1", relay.port, timeout=30)
+        assert refused.value.smtp_code == 421
+        first.quit()
+        deadline = time.monotonic() + 10
+        while True:  # the session count drops once the first session has ended
+            try:
+                third = smtplib.SMTP("127.0.0.1", relay.port, timeout=30)
+                break
+            except smtplib.SMTPConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        third.quit()
+        second.quit()
+    assert "too many sessions" in relay.log
+
+
+def test_connection_rate_per_client_is_limited(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    setup.sections["limits"] = {"max_connections_per_minute": 3}
+    with setup.process() as relay:
+        for _ in range(3):
+            smtplib.SMTP("127.0.0.1", relay.port, timeout=30).quit()
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP("127.0.0.1", relay.port, timeout=30)
+        assert refused.value.smtp_code == 421
+        assert b"too many connections from 127.0.0.1" in refused.value.smtp_error

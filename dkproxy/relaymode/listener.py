@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dkproxy.relay")
 
+_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d{1,20})(?:\s|$)", re.IGNORECASE)
 _HELO_SAFE = re.compile(r"[A-Za-z0-9.\-_:\[\]]{1,255}")
 REPLY_AUTH_REQUIRED = "530 5.7.0 Error: authentication required"
 REPLY_AUTH_FAILED = "535 5.7.8 Error: authentication failed"
@@ -300,6 +301,12 @@ class RelayListener(Listener):
             await self.push(
                 f"553 5.7.1 <{address}>: Sender address rejected: not owned by user {login}"
             )
+            return
+        size = self.service.state.cfg.max_message_size
+        declared = _SIZE_PARAM.search(match.group(2))
+        if size and declared and int(declared.group(1)) > size:
+            # RFC 1870 6.1: refuse at MAIL what is declared too big.
+            await self.push("552 5.3.4 Error: message size exceeds fixed limit")
             return
         if self.downstream is None:
             refusal = await self._open_smarthost()
