@@ -11,7 +11,6 @@ import base64
 import os
 import signal
 import smtplib
-import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dnsserver import DNSServer
-from tests.support.proxy import ProxyProcess, run_dkproxy
+from tests.support.proxy import run_dkproxy
 from tests.support.relayhelp import (
     PASSWORDS,
     SMARTHOST_LOGIN,
@@ -691,3 +690,125 @@ def test_connection_rate_per_client_is_limited(setup: RelaySetup, smarthost: Smt
             smtplib.SMTP("127.0.0.1", relay.port, timeout=30)
         assert refused.value.smtp_code == 421
         assert b"too many connections from 127.0.0.1" in refused.value.smtp_error
+
+
+# -- reload ------------------------------------------------------------------------------------
+
+
+def test_sighup_reloads_certificate_and_credentials(
+    tmp_path: Path,
+    setup: RelaySetup,
+    smarthost: SmtpSmarthost,
+    certs: dict[str, CertFiles],
+    credentials: dict[str, str],
+) -> None:
+    """A renewed certificate and a login added with `dkproxy passwd` take effect on SIGHUP;
+    a broken certificate on a later reload is logged and the running one kept."""
+    passwd = tmp_path / "relay.passwd"
+    passwd.write_bytes(Path(credentials["passwd"]).read_bytes())
+    cert_file, key_file = tmp_path / "relay.pem", tmp_path / "relay.key"
+    cert_file.write_bytes(Path(certs["relay"].certificate).read_bytes())
+    key_file.write_bytes(Path(certs["relay"].key).read_bytes())
+    setup.sections["listen"].update(certificate=str(cert_file), key=str(key_file))
+    setup.sections["auth"]["credentials"] = str(passwd)
+    renewed = make_certificates(str(tmp_path), "renewed")
+    with setup.process() as relay:
+        before = certificate_serial("127.0.0.1", setup.tls_port)
+        add_login(str(passwd), "newapp", "a brand new app password")
+        client = _client(relay.port, setup.relay_cert.ca)
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("newapp", "a brand new app password")
+        client.close()
+        cert_file.write_bytes(Path(renewed.certificate).read_bytes())
+        key_file.write_bytes(Path(renewed.key).read_bytes())
+        relay.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "configuration reloaded" not in relay.log:
+            assert time.monotonic() < deadline, relay.log
+            time.sleep(0.1)
+        after = certificate_serial("127.0.0.1", setup.tls_port)
+        assert after != before
+        client = _client(relay.port, renewed.ca)
+        client.login("newapp", "a brand new app password")
+        client.quit()
+        key_file.write_bytes(Path(certs["rogue"].key).read_bytes())  # does not match the cert
+        relay.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "reload failed" not in relay.log:
+            assert time.monotonic() < deadline, relay.log
+            time.sleep(0.1)
+        assert certificate_serial("127.0.0.1", setup.tls_port) == after
+    assert "listen.certificate: cannot load certificate" in relay.log
+
+
+# -- the credentials file and `dkproxy passwd` ---------------------------------------------------
+
+
+def test_passwd_adds_changes_and_deletes_logins(tmp_path: Path) -> None:
+    from dkproxy.relaymode.credentials import Credentials
+
+    path = str(tmp_path / "relay.passwd")
+    add_login(path, "webapp", "first password here")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    line = Path(path).read_text().strip()
+    assert line.startswith("webapp:$argon2id$") and "first password" not in line
+    add_login(path, "printer", "a bcrypt password", "--bcrypt")
+    add_login(path, "webapp", "second password here")
+    text = Path(path).read_text()
+    assert text.count("webapp:") == 1 and "printer:$2b$12$" in text
+    creds = Credentials.load(path)
+    assert creds.verify("webapp", "second password here")
+    assert not creds.verify("webapp", "first password here")
+    assert creds.verify("printer", "a bcrypt password")
+    assert not creds.verify("nobody", "a bcrypt password")
+    done = run_dkproxy("passwd", "--delete", path, "printer")
+    assert done.returncode == 0 and "printer" not in Path(path).read_text()
+    short = run_dkproxy("passwd", "--stdin", path, "webapp", input=b"short\n")
+    assert short.returncode == 1 and "at least 12" in short.stderr
+    bad_login = run_dkproxy("passwd", "--stdin", path, "we:bapp", input=b"long enough password\n")
+    assert bad_login.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("webapp:correct horse battery staple", "not an argon2id or bcrypt hash"),
+        ("webapp:$argon2i$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaA", "not an argon2id"),
+        ("webapp:{PLAIN}secret", "plaintext passwords are refused"),
+        ("no separator here", "expected LOGIN:HASH"),
+    ],
+)
+def test_credentials_file_refuses_what_is_not_a_hash(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    from dkproxy.config import ConfigError
+    from dkproxy.relaymode.credentials import Credentials
+
+    path = tmp_path / "relay.passwd"
+    path.write_text(f"# logins\n{line}\n")
+    with pytest.raises(ConfigError) as error:
+        Credentials.load(str(path))
+    assert str(error.value).startswith(f"{path}:2: ")
+    assert message in str(error.value)
+    assert "secret" not in str(error.value) and "staple" not in str(error.value)
+
+
+def test_sender_login_map_lookup(tmp_path: Path) -> None:
+    from dkproxy.config import ConfigError
+    from dkproxy.relaymode.credentials import SenderLoginMap
+
+    path = tmp_path / "map"
+    path.write_text(
+        "alice@example.org  alice, webapp\n@example.org webapp\n@Example.COM\tmon ops\n"
+    )
+    table = SenderLoginMap.load(str(path))
+    assert table.permits("alice", "Alice@Example.org")
+    assert table.permits("alice", "alice+news@example.org")  # +extension falls back
+    assert not table.permits("alice", "bob@example.org")  # address entry, not the domain
+    assert table.permits("webapp", "bob@example.org")
+    assert table.permits("ops", "x@example.com")
+    assert not table.permits("webapp", "x@sub.example.org")  # no implicit subdomains
+    assert not table.permits("webapp", "")
+    path.write_text("example.org webapp\n")
+    with pytest.raises(ConfigError, match=r":1: 'example.org': expected an address or @domain"):
+        SenderLoginMap.load(str(path))
