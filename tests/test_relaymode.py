@@ -39,6 +39,8 @@ from tests.support.tools import free_port
 from tests.support.verifiers import verify_mail_dkim
 
 SIGNATURE_FIELDS = (b"dkim-signature:", b"domainkey-signature:")
+#: aiosmtpd warns about the test smarthost's implicit-TLS port, where AUTH needs no STARTTLS.
+pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 
 
 @pytest.fixture(scope="module")
@@ -812,3 +814,37 @@ def test_sender_login_map_lookup(tmp_path: Path) -> None:
     path.write_text("example.org webapp\n")
     with pytest.raises(ConfigError, match=r":1: 'example.org': expected an address or @domain"):
         SenderLoginMap.load(str(path))
+
+
+def test_shipped_example_configuration_loads(
+    tmp_path: Path, certs: dict[str, CertFiles], key_dir: KeySet
+) -> None:
+    """conf/dkproxy-relay.toml.example, with /etc/dkproxy/ pointed at files made here, is
+    accepted by check-config (the README's example is a subset of it)."""
+    root = Path(__file__).resolve().parent.parent
+    etc = tmp_path / "etc"
+    (etc / "keys").mkdir(parents=True)
+    text = (root / "conf" / "dkproxy-relay.toml.example").read_text()
+    text = text.replace("/etc/dkproxy/", f"{etc}/")
+    (etc / "relay.example.org.pem").write_bytes(Path(certs["relay"].certificate).read_bytes())
+    (etc / "relay.example.org.key").write_bytes(Path(certs["relay"].key).read_bytes())
+    add_login(str(etc / "relay.passwd"), "webapp", PASSWORDS["webapp"])
+    (etc / "sender_logins").write_text("@example.org  webapp\n")
+    password = etc / "smarthost.password"
+    password.write_text("provider password\n")
+    password.chmod(0o600)
+    (etc / "keys" / "example.org.s202611.key").write_bytes(Path(key_dir.rsa2048.path).read_bytes())
+    path = etc / "dkproxy-relay.toml"
+    path.write_text(text)
+    done = run_dkproxy("check-config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "listen  0.0.0.0:587 (STARTTLS required before MAIL and AUTH)" in done.stdout
+    assert "smarthost  smtp.provider.example:465 (implicit TLS" in done.stdout
+    readme = (root / "README.md").read_text()
+    section = readme.split("## Running as a relay for applications", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```toml\n", 1)[1].split("```", 1)[0]
+    keys = {line.split("=")[0].strip() for line in example.splitlines() if " = " in line}
+    shipped = {
+        line.split("=")[0].strip().lstrip("# ") for line in text.splitlines() if " = " in line
+    }
+    assert keys <= shipped, keys - shipped

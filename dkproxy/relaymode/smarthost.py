@@ -16,7 +16,6 @@ password.
 
 from __future__ import annotations
 
-import logging
 import ssl
 from dataclasses import dataclass
 
@@ -26,7 +25,15 @@ from dkproxy.relaymode.config import SmarthostConfig
 from dkproxy.relaymode.tls import client_context, describe_failure
 from dkproxy.smtp.downstream import DownstreamError, DownstreamSettings, local_reply
 
-log = logging.getLogger("dkproxy.relay")
+
+
+class Secret(str):
+    """A password that does not show itself in a repr (settings objects, tracebacks)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'********'"
 
 
 class HopFailed(Exception):
@@ -63,7 +70,7 @@ class Smarthost:
             options["use_tls" if cfg.tls == "implicit" else "start_tls"] = True
         if cfg.username is not None and cfg.password is not None:
             options["username"] = cfg.username
-            options["password"] = cfg.password
+            options["password"] = Secret(cfg.password)
         settings = DownstreamSettings(
             host=cfg.address.host,
             port=cfg.address.port,
