@@ -11,6 +11,7 @@ import base64
 import os
 import signal
 import smtplib
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -340,6 +341,11 @@ def test_too_many_auth_failures_get_421(setup: RelaySetup, smarthost: SmtpSmarth
             "From: <alice@example.org>\r\nSender: <ceo@victim.example>",
             "Sender address <ceo@victim.example>",
         ),
+        (
+            "alice@example.org",
+            'From: "alice@example.org" <ceo@victim.example>',
+            "From address <ceo@victim.example>",
+        ),
     ],
 )
 def test_sender_outside_the_logins_map_553(
@@ -452,6 +458,26 @@ def test_unreachable_smarthost_gives_4xx(
         assert status != 0
         assert "451 4.4.1 smarthost" in transcript, transcript
     assert "unreachable" in relay.log
+
+
+def test_silent_smarthost_times_out_with_4xx(
+    tmp_path: Path, certs: dict[str, CertFiles], credentials: dict[str, str], key_dir: KeySet
+) -> None:
+    """A smarthost that accepts the connection but never greets: 451 after connect_timeout."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections complete in the backlog; nobody ever answers
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        setup = make_setup(tmp_path, certs, credentials, key_dir, address)
+        setup.sections["smarthost"]["connect_timeout"] = 1
+        with setup.process() as relay:
+            started = time.monotonic()
+            status, transcript = swaks(
+                relay.port, data=message(), auth=("webapp", PASSWORDS["webapp"])
+            )
+            assert status != 0 and "451 4.4.1 smarthost" in transcript, transcript
+            assert time.monotonic() - started < 30
+    assert "did not answer" in relay.log or "Timed out" in relay.log, relay.log
 
 
 @pytest.mark.parametrize(

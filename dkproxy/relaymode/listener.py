@@ -175,6 +175,11 @@ def header_refusal(state: RelayState, login: str, data: Buffer) -> str | None:
             if not state.login_may_use(login, address):
                 label = "From" if name == "from" else "Sender"
                 return f"{label} address <{address}> not owned by user {login}"
+    # The address the signer will sign for, as the signer reads it: whatever the header
+    # parsing above made of an odd field, no signature for a domain the login may not use.
+    signer_sender = message.sender()
+    if signer_sender is not None and not state.login_may_use(login, str(signer_sender)):
+        return f"sender address <{signer_sender}> not owned by user {login}"
     return None
 
 

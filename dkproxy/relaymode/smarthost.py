@@ -26,7 +26,6 @@ from dkproxy.relaymode.tls import client_context, describe_failure
 from dkproxy.smtp.downstream import DownstreamError, DownstreamSettings, local_reply
 
 
-
 class Secret(str):
     """A password that does not show itself in a repr (settings objects, tracebacks)."""
 
