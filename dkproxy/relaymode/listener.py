@@ -313,6 +313,9 @@ class RelayListener(Listener):
             # RFC 1870 6.1: refuse at MAIL what is declared too big.
             await self.push("552 5.3.4 Error: message size exceeds fixed limit")
             return
+        if self.downstream is not None and not self.downstream.connected:
+            # The smarthost ended the idle session between two of the client's messages.
+            self._release_downstream()
         if self.downstream is None:
             refusal = await self._open_smarthost()
             if refusal is not None:
