@@ -900,3 +900,32 @@ def test_local_relay_without_auth_to_a_loopback_smarthost(
     assert "with ESMTP id" in received and "using" not in received
     results = verify_mail_dkim(arrival.data, signing_dns)
     assert {r.result for r in results} == {"pass"}
+
+
+def test_client_guard_windows_slide() -> None:
+    """Counts are per client address and forgotten once their window has passed."""
+    from dkproxy.relaymode.guard import ClientGuard
+
+    now = [1000.0]
+    guard = ClientGuard(
+        max_sessions=3, max_connections_per_minute=2, max_auth_failures=2,
+        failure_window=600, failure_delay=1.5, clock=lambda: now[0],
+    )  # fmt: skip
+    assert guard.admit("192.0.2.1") is None and guard.admit("192.0.2.1") is None
+    assert "too many connections from 192.0.2.1" in str(guard.admit("192.0.2.1"))
+    assert guard.admit("192.0.2.2") is None  # another client has its own count
+    assert "too many sessions" in str(guard.admit("192.0.2.3"))
+    guard.release()
+    now[0] += 61
+    assert guard.admit("192.0.2.1") is None  # the minute has passed
+    assert guard.auth_failed("198.51.100.7") == 1.5
+    assert guard.auth_failed("198.51.100.7") == 3.0  # longer with each recent failure
+    assert guard.locked_out("198.51.100.7") and not guard.locked_out("198.51.100.8")
+    for _ in range(3):
+        guard.release()
+    assert "authentication failures" in str(guard.admit("198.51.100.7"))
+    now[0] += 601
+    assert not guard.locked_out("198.51.100.7")
+    guard.auth_failed("198.51.100.9")
+    guard.auth_succeeded("198.51.100.9")
+    assert guard.auth_failed("198.51.100.9") == 1.5  # a success starts the count again

@@ -29,6 +29,7 @@ import functools
 import os
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import argon2
@@ -39,6 +40,9 @@ from dkproxy.config import ConfigError
 _LOGIN_RE = re.compile(r"[^\s:\x00-\x1f\x7f]{1,64}")
 _BCRYPT_RE = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 _HASHER = argon2.PasswordHasher()  # argon2id with the library's current RFC 9106 parameters
+#: Password checks run here: two at a time at most, because each argon2id check takes 64 MiB
+#: and a burst of AUTH attempts must not take the machine's memory (or all its cores).
+_VERIFIERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkproxy-auth")
 
 
 @functools.cache
@@ -138,7 +142,7 @@ class Credentials:
     async def verify_async(self, login: str, password: str) -> bool:
         """`verify` in a worker thread: argon2id takes tens of milliseconds by design."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.verify, login, password)
+        return await loop.run_in_executor(_VERIFIERS, self.verify, login, password)
 
 
 def set_password(path: str, login: str, password_hash: str | None) -> bool:
