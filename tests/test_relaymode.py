@@ -929,3 +929,23 @@ def test_client_guard_windows_slide() -> None:
     guard.auth_failed("198.51.100.9")
     guard.auth_succeeded("198.51.100.9")
     assert guard.auth_failed("198.51.100.9") == 1.5  # a success starts the count again
+
+
+def test_malformed_auth_exchanges_are_refused(setup: RelaySetup, smarthost: SmtpSmarthost) -> None:
+    """Each way an AUTH exchange can go wrong gets its own answer and authenticates nobody."""
+    with setup.process() as relay:
+        client = _client(relay.port, setup.relay_cert.ca)
+        assert client.docmd("AUTH", "PLAIN not-base64!")[0] == 501
+        assert (
+            client.docmd("AUTH", "PLAIN " + base64.b64encode(b"no separators").decode())[0] == 501
+        )
+        other = base64.b64encode(f"printer\0webapp\0{PASSWORDS['webapp']}".encode()).decode()
+        assert client.docmd("AUTH", "PLAIN " + other)[0] == 535  # acting for another login
+        assert client.docmd("AUTH", "CRAM-MD5")[0] == 504  # not offered
+        assert client.docmd("AUTH", "LOGIN")[0] == 334
+        assert client.docmd("*")[0] == 501  # the client gives up (RFC 4954 4)
+        assert client.docmd("MAIL", "FROM:<alice@example.org>")[0] == 530
+        code, _ = client.docmd("AUTH", "PLAIN " + _plain("webapp", PASSWORDS["webapp"]))
+        assert code == 235
+        assert client.docmd("AUTH", "PLAIN " + _plain("webapp", PASSWORDS["webapp"]))[0] == 503
+        client.quit()
