@@ -19,6 +19,7 @@ from dkproxy.config import ConfigError
 from dkproxy.relaymode.config import RelayConfig, load_relay_config
 from dkproxy.relaymode.credentials import Credentials, SenderLoginMap
 from dkproxy.relaymode.guard import ClientGuard
+from dkproxy.relaymode.listener import RelayLogic
 from dkproxy.relaymode.smarthost import Smarthost
 from dkproxy.relaymode.tls import load_certificate, server_context
 from dkproxy.signer import OutboundSigner
@@ -104,8 +105,6 @@ class RelayService:
         # One smarthost session per client session (see relaymode.smarthost): the pool only
         # counts them and QUITs them when given back.
         self.pool = DownstreamPool(self.state.smarthost.settings, size=0)
-        from dkproxy.relaymode.listener import RelayLogic
-
         self.logic = RelayLogic(self)
         self.guard = ClientGuard(
             max_sessions=cfg.max_sessions,
