@@ -600,3 +600,17 @@ def test_a_client_pipelining_thousands_of_commands_does_not_starve_others(
         assert "Traceback" not in proxy.log
     assert sum(latencies) < 0.3, latencies
     assert probes_done < finished[0]
+
+
+def test_commands_are_logged_only_with_debugtrace(keyfile: str, capture: CaptureServer) -> None:
+    """aiosmtpd logs every command line at INFO ("mail.log"): in production that logger stays
+    at WARNING (addresses in logs, cost per command); debugtrace shows commands and replies."""
+    for extra, shown in (((), False), (("--debugtrace",), True)):
+        with ProxyProcess("out", signing_args(keyfile, *extra), capture.address) as proxy:
+            with proxy.smtp() as client:
+                client.sendmail("alice@example.org", ["traced@example.net"], MESSAGE)
+            time.sleep(0.2)
+            log = proxy.log
+        assert ("TO:<traced@example.net>" in log) is shown, log
+        assert ("2.0.0 Bye" in log) is shown
+        assert "from=<alice@example.org>" in log  # the message's own log line, always

@@ -149,7 +149,7 @@ class Listener(SMTP):
         options = {**settings.listener_options, **aiosmtpd_options}
         self._auth_offered = bool(options.get("authenticator") or options.get("auth_callback"))
         super().__init__(
-            worker.logic,
+            _NO_HOOKS,  # the proxy logic is called directly, not through handle_* hooks
             hostname=settings.hostname,
             ident=settings.ident,
             data_size_limit=settings.max_message_size or None,
@@ -176,6 +176,15 @@ class Listener(SMTP):
         self._errors = 0
         self._replies: list[bytes] = []
         self._unyielded = 0
+
+    def __dir__(self) -> list[str]:
+        """Only the names aiosmtpd scans in every new instance (its smtp_* commands and
+        auth_* mechanisms): scanning all of them cost 0.4 ms per connection."""
+        names = _SCANNED_NAMES.get(type(self))
+        if names is None:
+            names = [n for n in super().__dir__() if n.startswith(("smtp_", "auth_"))]
+            _SCANNED_NAMES[type(self)] = names
+        return list(names)
 
     # -- session ---------------------------------------------------------------------------
 
@@ -525,6 +534,9 @@ class Listener(SMTP):
             raise
         tx = self.tx
         assert self.downstream is not None
+        # The client waits for us now, not we for it: its idle timer must not run out while
+        # the message is processed and relayed (the relay has its own timeout).
+        self._reset_timeout(self.settings.command_timeout + self.settings.relay_timeout)
         try:
             reply = await self.logic.deliver(self.downstream, tx, spool, started)
         except DownstreamError as exc:
@@ -602,6 +614,19 @@ class Listener(SMTP):
             # took the whole stream buffer, so they go back in order.
             self._reader.feed_data(bytes(buf))
         return kept
+
+
+class _NoHooks:
+    """The aiosmtpd "handler" of a Listener: it has no handle_* hooks (dir() is empty)."""
+
+    __slots__ = ()
+
+    def __dir__(self) -> list[str]:
+        return []
+
+
+_NO_HOOKS = _NoHooks()
+_SCANNED_NAMES: dict[type, list[str]] = {}
 
 
 class _SameLimit(dict[str, int]):
