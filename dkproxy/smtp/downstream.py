@@ -382,6 +382,7 @@ class DownstreamPool:
 
     def give_back(self, client: Downstream, reusable: bool) -> None:
         """End the use of a session: keep it idle if `reusable` and wanted, else QUIT it."""
+        self._note_use()  # it was in use until now
         self.in_use -= 1
         now = self._now()
         wanted = min(self.size, self._peak if now - self._peak_since <= self.max_idle else 0)

@@ -130,10 +130,19 @@ class _Verbs(dict[str, Any]):
     that they count as protocol errors, as every other error does)."""
 
     fallback: Callable[[str, str | None], Awaitable[None]]
+    #: The session is ending: commands still buffered are not served (cancelling the
+    #: command loop takes effect only at its next wait, after it has read on).
+    closed = False
 
     def get(self, verb: str, default: Any = None) -> Any:  # type: ignore[override]
+        if self.closed:
+            return _ignore
         method = dict.get(self, verb)
         return method if method is not None else functools.partial(self.fallback, verb)
+
+
+async def _ignore(arg: str | None) -> None:
+    return None
 
 
 class Listener(SMTP):
@@ -158,9 +167,9 @@ class Listener(SMTP):
             timeout=settings.command_timeout,
             **options,
         )
-        verbs = _Verbs(self._smtp_methods)
-        verbs.fallback = self._unknown_verb
-        self._smtp_methods = verbs
+        self._verbs = _Verbs(self._smtp_methods)
+        self._verbs.fallback = self._unknown_verb
+        self._smtp_methods = self._verbs
         self.worker = worker
         self.settings = settings
         self.logic = worker.logic
@@ -198,6 +207,8 @@ class Listener(SMTP):
                 await self._close_with(refusal)
             elif await self._open_downstream():
                 await super()._handle_client()
+        except ConnectionError as exc:  # aiosmtpd re-raises a reset after closing
+            log.debug("client=%s gone: %s", self.peer, exc)
         finally:
             self._release_downstream()
             self.worker.session_closed(self)
@@ -237,8 +248,7 @@ class Listener(SMTP):
     async def _close_with(self, status: str) -> None:
         self._replies.append(status.encode("utf-8", "surrogateescape") + b"\r\n")
         self._flush()
-        if self.transport is not None:
-            self.transport.close()
+        self._hang_up()
 
     async def _downstream_failed(self, exc: DownstreamError) -> None:
         """The downstream is gone: tell the client to try later and end the session."""
@@ -283,6 +293,8 @@ class Listener(SMTP):
 
     async def send(self, data: bytes) -> None:
         """Queue wire-ready reply lines (CRLF included) and flush them when due."""
+        if self._verbs.closed:
+            return
         self._replies.append(data)
         closing = data[:3] in (b"221", b"421")
         if not closing and self._input_waiting():
@@ -296,10 +308,13 @@ class Listener(SMTP):
         self._unyielded = 0
         self._flush()
         if closing:
-            if self.transport is not None:
-                self.transport.close()
+            self._hang_up()  # nothing the client pipelined after QUIT or a 421 is served
             return
-        await self._writer.drain()
+        try:
+            await self._writer.drain()
+        except ConnectionError:
+            log.debug("client=%s gone", self.peer)
+            self._hang_up()
 
     async def send_reply(self, reply: Reply) -> None:
         """A downstream reply, passed upstream line by line as it came."""
@@ -550,6 +565,7 @@ class Listener(SMTP):
 
     def _hang_up(self) -> None:
         """End the session now, as aiosmtpd's own QUIT does."""
+        self._verbs.closed = True
         if self.transport is not None:
             self.transport.close()
         if self._handler_coroutine is not None:
