@@ -27,6 +27,8 @@ commands:
   qmail-queue   QMAILQUEUE wrapper: sign or verify, then run the real qmail-queue
   qmail-service serve dkproxy-qmail-queue over a Unix socket (keys and DNS kept loaded)
   qmail-launcher write a faster-starting dkproxy-qmail-queue to a given path
+  relay         submission relay for applications: TLS + AUTH, signing, smarthost
+  passwd        add or change a login in a relay credentials file
 
 Run `dkproxy COMMAND --help` for the options of a command.
 """
@@ -145,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         from dkproxy.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "relay":
+        from dkproxy.relaymode.server import main as relay_main
+
+        return relay_main(rest)
+    if command == "passwd":
+        from dkproxy.relaymode.passwd import main as passwd_main
+
+        return passwd_main(rest)
     if command in ("keygen", "dnscheck", "check-config"):
         from dkproxy import keytools
 

@@ -18,11 +18,14 @@ import os
 import pwd
 import stat
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from dkproxy import dnscheck, keygen
 from dkproxy.config import ConfigError, InboundConfig, OutboundConfig, load_config_file
 from dkproxy.keys import SigningKey
+
+if TYPE_CHECKING:
+    from dkproxy.policy import SigningPolicy
 
 
 def key_file_warnings(path: str, user: str | None, group: str | None) -> list[str]:
@@ -89,6 +92,10 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
     from dkproxy.policy import SigningPolicy
 
     path = args.file
+    from dkproxy.relaymode import check
+
+    if check.is_relay_file(path):
+        return check.check_relay_config(path, args, out)
     try:
         cfg = load_config_file(path, args.mode)
         policy = SigningPolicy.from_config(cfg) if isinstance(cfg, OutboundConfig) else None
@@ -116,22 +123,11 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
         warnings.extend(cfg.warnings)
     else:
         assert policy is not None
-        keys = policy.signing_keys()
-        print("keys:", file=out)
-        for line in _describe_keys(keys) or ["  (none)"]:
-            print(line, file=out)
-        print("signing rules, in look-up order (List-Id, then sender, then default):", file=out)
-        for line in policy.describe():
-            if line.startswith("warning: "):
-                warnings.append(line.removeprefix("warning: "))
-            else:
-                print(f"  {line}", file=out)
+        warnings.extend(describe_signing(policy, cfg.user, cfg.group, out))
         if cfg.arc_seal is not None:
             seal = cfg.arc_seal
             print(f"ARC seal on every message: d={seal.domain} s={seal.selector} "
                   f"key={seal.key}, results of {seal.authserv_id}", file=out)  # fmt: skip
-        for key_path in dict.fromkeys(key.path for _, _, key, _ in keys):
-            warnings.extend(key_file_warnings(key_path, cfg.user, cfg.group))
     for warning in warnings:
         print(f"warning: {warning}", file=out)
     print("configuration ok", file=out)
@@ -152,6 +148,26 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
                 targets, args.dns_server, args.timeout, out, args.allow_testing
             )
     return status
+
+
+def describe_signing(
+    policy: SigningPolicy, user: str | None, group: str | None, out: TextIO
+) -> list[str]:
+    """Print the keys and signing rules of `policy`; return the warnings to print after."""
+    warnings: list[str] = []
+    keys = policy.signing_keys()
+    print("keys:", file=out)
+    for line in _describe_keys(keys) or ["  (none)"]:
+        print(line, file=out)
+    print("signing rules, in look-up order (List-Id, then sender, then default):", file=out)
+    for line in policy.describe():
+        if line.startswith("warning: "):
+            warnings.append(line.removeprefix("warning: "))
+        else:
+            print(f"  {line}", file=out)
+    for key_path in dict.fromkeys(key.path for _, _, key, _ in keys):
+        warnings.extend(key_file_warnings(key_path, user, group))
+    return warnings
 
 
 def _describe_inbound(cfg: InboundConfig, out: TextIO) -> None:
