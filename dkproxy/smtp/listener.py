@@ -17,8 +17,10 @@ Non-public aiosmtpd interfaces relied on (aiosmtpd 1.4.6, pinned <1.5 in pyproje
 after the session), `SMTP._smtp_methods` (its verb table, given a fallback for unknown
 verbs), `SMTP._reader` / `SMTP._writer` and the reader's `_buffer` (to know whether pipelined
 commands are waiting), `SMTP._reset_timeout()` (the idle timer, re-armed while DATA flows),
-`SMTP._handler_coroutine` (cancelled to end a session whose client left mid-DATA, as
-aiosmtpd's QUIT does).
+`SMTP._handler_coroutine` (cancelled to end a session, as aiosmtpd's QUIT does),
+`SMTP._tls_protocol`, `SMTP._auth_require_tls` and `SMTP._auth_methods` (EHLO offers
+STARTTLS and AUTH as the stock EHLO does), and that `SMTP.__init__` finds commands and AUTH
+mechanisms through `dir(self)` (`Listener.__dir__` narrows that scan).
 """
 
 from __future__ import annotations
