@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from dkproxy.message import Buffer, wire_line_ends
+from dkproxy.message import Buffer, break_long_lines, wire_line_ends
 from dkproxy.relay import DownstreamError, Part, RelayClient, RelayPool, Reply, local_reply
 from dkproxy.spool import Spool
 
@@ -182,6 +182,7 @@ class UpstreamStream:
         kept: Spool | None = message
         after_crlf = True  # the buffer begins right after a CRLF (or at the start of DATA)
         line_start = True  # ... or after a bare LF, which also starts a line (see below)
+        column = 0  # characters of the current (stored) line in earlier pieces
         while True:
             while len(self._buf) < 3:
                 await self._fill()
@@ -214,7 +215,9 @@ class UpstreamStream:
                 piece = wire_line_ends(bytes(self._buf[:cut]))
                 if line_start and piece.startswith(b"."):
                     piece = piece[1:]
-                kept.write(piece.replace(b"\r\n.", b"\r\n"))
+                # Lines over 998 characters: broken as Postfix's smtp client sends them on.
+                stored, column = break_long_lines(piece.replace(b"\r\n.", b"\r\n"), column)
+                kept.write(stored)
                 if max_size and len(kept) > max_size:
                     kept.close()  # keep reading to the end, keep nothing
                     kept = None
