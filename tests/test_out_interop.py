@@ -64,8 +64,12 @@ def _attachment(size: int) -> bytes:
     )  # fmt: skip
 
 
-_LONG_HEADER = _msg("longhdr", b"body\r\n", "X-Long: " + "z" * 2000,
-                    "References: " + " ".join(f"<id{n}@example.org>" for n in range(60)))
+_LONG_HEADER = _msg(
+    "longhdr",
+    b"body\r\n",
+    "X-Long: " + "z" * 2000,
+    "References: " + " ".join(f"<id{n}@example.org>" for n in range(60)),
+)
 
 
 @dataclass(frozen=True)
