@@ -69,7 +69,10 @@ def canonical_domain(name: str) -> str:
             if "xn--" in lowered:
                 idna.decode(lowered)  # an A-label that does not decode is no domain name
             return lowered
-        return idna.encode(text, uts46=True).decode("ascii")
+        encoded = idna.encode(text, uts46=True).decode("ascii")
+        # UTS 46 maps the other full stops (U+3002, U+FF0E, U+FF61) to "."; a root dot
+        # written as one of them is a root dot all the same.
+        return encoded[:-1] if encoded.endswith(".") else encoded
     except idna.IDNAError as exc:
         raise DomainError(f"{text!r} is not a valid domain name ({exc})") from None
 
