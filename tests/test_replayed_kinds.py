@@ -7,12 +7,25 @@ verdict rather than an exception in the policy and the verifier.
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dkproxy import config
 from dkproxy.addresses import canonical_domain, parse_mailboxes
+from dkproxy.dnsresolver import DnsAnswer, Resolver
+from dkproxy.message import Message, MessageFormatError
 from dkproxy.signer import OutboundSigner
+from dkproxy.verifier import VerifySettings, decide, verify_message
+from tests.support.dnsserver import DNSServer
+from tests.support.sink import CaptureServer
 from tests.support.testkeys import make_rsa_key
+from tests.test_inbound import ar_results, send, signing_key, start_inbound
+
+__all__ = ["signing_key"]  # the module-scoped fixture publishing example.org's records
 
 UMESSAGE = "From: Jörg <jörg@Exämple.org>\r\nSubject: idn\r\n\r\nbody\r\n".encode()
 
@@ -64,3 +77,119 @@ def test_other_full_stops_and_a_root_dot_in_them(stop: str) -> None:
     assert canonical_domain(f"exämple{stop}org{stop}") == "xn--exmple-cua.org"
     found = parse_mailboxes(f"Jörg <joerg@EXÄMPLE{stop}org{stop}>")
     assert found.domains == ["xn--exmple-cua.org"], found.problems
+
+
+# --------------------------------------------------------------------------------------------
+# Any From/Sender: a verdict, never an exception; an example.org author never escapes p=reject
+
+
+class _Zone(Resolver):
+    """DNS answers from a dict (the property test runs hundreds of messages; every other name
+    is NXDOMAIN). Real DNS through NSD is exercised by test_inbound and test_dmarc_authors."""
+
+    ZONE = {"_dmarc.example.org": b"v=DMARC1; p=reject", "example.org": b"v=spf1 -all"}
+
+    async def _lookup(self, name: str, rdtype: str) -> tuple[DnsAnswer, float]:
+        record = self.ZONE.get(name.rstrip(".").lower()) if rdtype == "TXT" else None
+        if record is None:
+            return DnsAnswer("nxdomain", (), "NXDOMAIN"), 60.0
+        return DnsAnswer("ok", (record,)), 60.0
+
+
+_PIECES = [
+    "a", "Jörg", "ä", "ß", "İ", "@", "@", "example.org", "EXAMPLE.ORG.", "exämple.org",
+    "example.com", "xn--", "xn--exmple-cua.org", '"', '"', "<", ">", ",", ";", ":", "(", ")",
+    "\\", ".", " ", "\t", "\r\n ", "[", "]", "=?utf-8?q?", "=?iso-2022-jp?b?", "=2C", "=40",
+    "?=", "\x00", "\uff0e", "\u3002", "\u200d", "\r", "\n", "\udcff",
+]  # fmt: skip
+_values = st.lists(st.sampled_from(_PIECES) | st.text(max_size=3), max_size=14).map("".join)
+
+
+def _raw(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(from_values=st.lists(_values, min_size=1, max_size=3), sender=st.none() | _values)
+def test_any_from_or_sender_gives_a_verdict(
+    rsa_key: str, from_values: list[str], sender: str | None
+) -> None:
+    head = b"".join(b"From: " + _raw(v) + b"\r\n" for v in from_values)
+    if sender is not None:
+        head += b"Sender: " + _raw(sender) + b"\r\n"
+    raw = head + b"Subject: p\r\n\r\nbody\r\n"
+    # Outbound: a signed or unsigned outcome with a reason, never an exception.
+    outcome = _signer_for(rsa_key).sign(raw)
+    assert outcome.summary
+    # Inbound: a report and a decision, never an exception.
+    try:
+        message = Message(raw)
+    except MessageFormatError:
+        return  # answered without verification (inbound.py), not an exception
+    settings_ = VerifySettings(authserv_id="mx.test", reject_fail=True, arc=True)
+    report = asyncio.run(
+        verify_message(
+            message, client_ip="192.0.2.9", helo="c.test", mail_from=None,
+            resolver=_Zone(), settings=settings_,
+        )
+    )  # fmt: skip
+    decision = decide(report, settings_)
+    assert decision.action in ("accept", "reject", "tempfail")
+    authors = {r.from_domain for r in report.dmarc_authors}
+    # An unsigned message naming example.org (p=reject) as an author is never accepted.
+    if "example.org" in authors:
+        assert decision.action == "reject", (from_values, report.dmarc_authors)
+
+
+_SIGNERS: dict[str, OutboundSigner] = {}
+
+
+def _signer_for(key: str) -> OutboundSigner:
+    """One signer per key for all examples (building one loads the key)."""
+    if key not in _SIGNERS:
+        _SIGNERS[key] = _signer(
+            f"--keyfile={key}", "--selector=s", "--domain=example.org,exämple.org,example.com",
+            "--signature=dkim(d=$senderdomain)", "--signature=domainkeys",
+        )  # fmt: skip
+    return _SIGNERS[key]
+
+
+# --------------------------------------------------------------------------------------------
+# A header block dkproxy cannot parse still gets a DMARC verdict through `dkproxy in`
+
+BAD_HEADERS = {
+    "line-without-colon": b"From: Alice <alice@example.org>\r\nX-Bad line\r\n",
+    "empty-field-name": b"From: alice@example.org\r\n: empty name\r\n",
+    "space-in-field-name": b"From: alice@example.org\r\nX Y: v\r\n",
+    "nul-field-name": b"From: alice@example.org\r\n\x00X: v\r\n",
+}
+
+
+def test_unparsable_header_block_never_escapes_p_reject(
+    tmp_path: Path, dns_server: DNSServer, signing_key: str
+) -> None:
+    """example.org publishes p=reject (tests/test_inbound.py's signing_key fixture): a From
+    above a malformed header line is what a reader sees, so reject_fail must not accept it."""
+    with CaptureServer() as capture:
+        proxy = start_inbound(tmp_path, capture.address, dns_server, "reject_fail")
+        try:
+            for name, head in BAD_HEADERS.items():
+                message = head + b"Subject: " + name.encode() + b"\r\n\r\nbody\r\n"
+                code, text = send(proxy, message, xforward="ADDR=198.51.100.9")
+                assert code == 550 and "DMARC cannot be applied" in text, (name, code, text)
+        finally:
+            proxy.stop()
+        assert capture.messages == []
+        assert "Traceback" not in proxy.log
+    # Without reject_fail the message passes, with a dmarc=permerror saying why.
+    with CaptureServer() as capture:
+        proxy = start_inbound(tmp_path, capture.address, dns_server)
+        try:
+            head = BAD_HEADERS["line-without-colon"]
+            assert send(proxy, head + b"\r\nbody\r\n")[0] == 250
+        finally:
+            proxy.stop()
+        (tx,) = capture.messages
+        assert tx.data is not None
+        results = ar_results(tx.data)
+        assert [r.result for r in results["dmarc"]] == ["permerror"]
