@@ -193,3 +193,37 @@ def test_unparsable_header_block_never_escapes_p_reject(
         assert tx.data is not None
         results = ar_results(tx.data)
         assert [r.result for r in results["dmarc"]] == ["permerror"]
+
+
+# --------------------------------------------------------------------------------------------
+# SPF: the domain DMARC aligns on is the one pyspf evaluated
+
+
+class _AttackerZone(_Zone):
+    """pyspf reads `x@attacker.example@example.org` as local part `x`, domain
+    `attacker.example@example.org` (a name whose TXT records someone else may publish)."""
+
+    ZONE = {
+        **_Zone.ZONE,
+        "attacker.example@example.org": b"v=spf1 +all",
+        '"@example.org': b"v=spf1 +all",
+    }
+
+
+@pytest.mark.parametrize(
+    "mail_from",
+    ["x@attacker.example@example.org", 'x@"@example.org', "x@attacker.example@EXAMPLE.ORG."],
+)
+def test_spf_pass_for_another_name_never_aligns_with_the_last_at_domain(mail_from: str) -> None:
+    message = Message(b"From: alice@example.org\r\nSubject: spf\r\n\r\nbody\r\n")
+    settings_ = VerifySettings(authserv_id="mx.test", reject_fail=True)
+    report = asyncio.run(
+        verify_message(
+            message, client_ip="192.0.2.9", helo="c.test", mail_from=mail_from,
+            resolver=_AttackerZone(), settings=settings_,
+        )
+    )  # fmt: skip
+    assert report.spf is not None
+    assert report.spf.domain != "example.org"
+    assert report.dmarc is not None and report.dmarc.result == "fail", report.dmarc
+    assert decide(report, settings_).action == "reject"
