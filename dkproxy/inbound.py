@@ -12,6 +12,7 @@ from dkproxy import arc
 from dkproxy.authresults import (
     authentication_results,
     forged_authentication_results,
+    forged_ranges_in_raw,
     header_byte_ranges,
 )
 from dkproxy.config import InboundConfig
@@ -66,7 +67,10 @@ class InboundVerifier:
             header = authentication_results(report, self.authserv_id)
             reject = self._verdict(report)
             summary = f"not verified: {exc}" + (f" -> {reject}" if reject else "")
-            return Outcome(prepend=[header], reject=reject, summary=summary)
+            forged = forged_ranges_in_raw(bytes(data), self.authserv_id)
+            if forged:
+                summary += f" removed {len(forged)} forged Authentication-Results"
+            return Outcome(prepend=[header], reject=reject, summary=summary, remove_ranges=forged)
         report = await verify_message(
             message,
             client_ip=envelope.client_address,

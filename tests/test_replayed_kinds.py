@@ -181,11 +181,17 @@ def test_unparsable_header_block_never_escapes_p_reject(
             proxy.stop()
         assert capture.messages == []
         assert "Traceback" not in proxy.log
-    # Without reject_fail the message passes, with a dmarc=permerror saying why.
+    # Without reject_fail the message passes, with a dmarc=permerror saying why, and the
+    # Authentication-Results claiming our authserv-id (above or below the bad line) are cut.
+    forged = (
+        b"Authentication-Results: mx.example.test; dkim=pass header.d=example.org;\r\n"
+        b"\tdmarc=pass header.from=example.org\r\n"
+    )
+    other = b"Authentication-Results: other.example; spf=pass\r\n"
+    head = forged + BAD_HEADERS["line-without-colon"] + other + forged.replace(b"Auth", b"auth")
     with CaptureServer() as capture:
         proxy = start_inbound(tmp_path, capture.address, dns_server)
         try:
-            head = BAD_HEADERS["line-without-colon"]
             assert send(proxy, head + b"\r\nbody\r\n")[0] == 250
         finally:
             proxy.stop()
@@ -193,6 +199,9 @@ def test_unparsable_header_block_never_escapes_p_reject(
         assert tx.data is not None
         results = ar_results(tx.data)
         assert [r.result for r in results["dmarc"]] == ["permerror"]
+        assert b"dmarc=pass" not in tx.data and b"dkim=pass" not in tx.data
+        assert tx.data.endswith(BAD_HEADERS["line-without-colon"] + other + b"\r\nbody\r\n")
+        assert "removed 2 forged Authentication-Results" in proxy.log
 
 
 # --------------------------------------------------------------------------------------------
