@@ -236,3 +236,41 @@ def test_spf_pass_for_another_name_never_aligns_with_the_last_at_domain(mail_fro
     assert report.spf.domain != "example.org"
     assert report.dmarc is not None and report.dmarc.result == "fail", report.dmarc
     assert decide(report, settings_).action == "reject"
+
+
+# --------------------------------------------------------------------------------------------
+# An unusable author mailbox beside a passing one
+
+
+class _SenderZone(_Zone):
+    """example.com (the sender's own domain) passes SPF for 192.0.2.9 and says p=none."""
+
+    ZONE = {
+        **_Zone.ZONE,
+        "example.com": b"v=spf1 ip4:192.0.2.9 -all",
+        "_dmarc.example.com": b"v=DMARC1; p=none",
+    }
+
+
+@pytest.mark.parametrize(
+    "other",
+    ['a"@example.org', "ceo@[192.0.2.1]", "ceo@xn--zz.example", '"ceo@example.org"', "ceo@"],
+)
+def test_an_unusable_author_beside_a_passing_one_is_refused_under_reject_fail(
+    other: str,
+) -> None:
+    settings_ = VerifySettings(authserv_id="mx.test", reject_fail=True)
+
+    def decision(from_value: str) -> str:
+        message = Message(f"From: {from_value}\r\nSubject: a\r\n\r\nbody\r\n".encode())
+        report = asyncio.run(
+            verify_message(
+                message, client_ip="192.0.2.9", helo="c.test", mail_from="m@example.com",
+                resolver=_SenderZone(), settings=settings_,
+            )
+        )  # fmt: skip
+        return decide(report, settings_).action
+
+    assert decision("mallory@example.com") == "accept"
+    assert decision(f"mallory@example.com, {other}") == "reject"
+    assert decision(f"{other}, mallory@example.com") == "reject"
