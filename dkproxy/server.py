@@ -163,9 +163,9 @@ def run(
     worker retire after that many connections (Net::Server's max_requests); 0: never.
     """
     processor = processor_factory()
+    runner = _event_loop_runner()  # before the privilege drop: uvloop may be unreadable after
     if after_load is not None:
         after_load()
-    runner = _event_loop_runner()
 
     def serve_here() -> None:
         server = ProxyServer(sock, settings, processor, processor_factory, assembler, access)
