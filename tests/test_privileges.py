@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dnsserver import DNSServer
+from tests.support.proxy import ProxyProcess
 from tests.support.sink import CaptureServer
 from tests.support.testkeys import KeySet, dns_record
 from tests.support.verifiers import sign_mail_dkim
@@ -69,3 +70,18 @@ def test_inbound_as_root_with_user_nobody_gives_verdicts(
             "priv._domainkey.xn--exmple-cua.org", "_dmarc.xn--exmple-cua.org",
             "_dmarc.example.com",
         )  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop privileges")
+def test_outbound_as_root_with_user_nobody_signs(key_dir: KeySet) -> None:
+    key = str(key_dir / "rsa2048-pkcs1.pem")
+    message = MESSAGE.replace(b"Subject: privileges", b"Subject: =?koi8-r?B?8NLJ18XU?=")
+    with CaptureServer() as capture:
+        args = [f"--keyfile={key}", "--selector=priv", "--domain=exämple.org", "--user=nobody"]
+        with ProxyProcess("out", args, capture.address) as proxy:
+            code, text = send(proxy, message, sender="joerg@xn--exmple-cua.org")
+            assert code == 250, (code, text, proxy.log)
+        assert "running as uid 65534" in proxy.log and "Traceback" not in proxy.log
+        (tx,) = capture.messages
+        assert tx.data is not None and tx.data.endswith(message)
+        assert tx.data.startswith(b"DKIM-Signature:") and b"d=xn--exmple-cua.org" in tx.data
