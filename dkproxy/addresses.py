@@ -69,7 +69,10 @@ def canonical_domain(name: str) -> str:
             if "xn--" in lowered:
                 idna.decode(lowered)  # an A-label that does not decode is no domain name
             return lowered
-        return idna.encode(text, uts46=True).decode("ascii")
+        encoded = idna.encode(text, uts46=True).decode("ascii")
+        # UTS 46 maps the other full stops (U+3002, U+FF0E, U+FF61) to "."; a root dot
+        # written as one of them is a root dot all the same.
+        return encoded[:-1] if encoded.endswith(".") else encoded
     except idna.IDNAError as exc:
         raise DomainError(f"{text!r} is not a valid domain name ({exc})") from None
 
@@ -165,17 +168,22 @@ def parse_mailboxes(value: str) -> Mailboxes:
         for local, domain in simple:
             _add(found, seen, local, domain)
         return found
+    unreadable = False
     try:
         header = _REGISTRY("from", value)
         parsed = [(a.addr_spec, a.domain) for a in header.addresses]
     except Exception:  # the parser is lenient, but a crash must cost only this parse
         parsed = []
+        unreadable = True  # e.g. `a@x.example, b@`: getaddresses drops the second silently
     for addr_spec, domain in parsed:
         if addr_spec in ("", "<>"):
             continue
         local = addr_spec.rpartition("@")[0] if domain else addr_spec
         _add(found, seen, local, domain)
     first_said = bool(found.addresses or found.problems)
+    # Entries the header parser could not read (`b@` in `b@, a@x.example`) come back as "<>".
+    unread = sum(1 for addr_spec, _domain in parsed if addr_spec in ("", "<>"))
+    first_count = len(found.addresses)
     for _display, addr in _getaddresses(value):
         addr = addr.strip()
         if not addr:
@@ -190,6 +198,12 @@ def parse_mailboxes(value: str) -> Mailboxes:
         _add(found, seen, local, domain)
         if len(found.addresses) == before and first_said:
             del found.problems[problems:]  # the first parser already said why
+    if found.addresses and unread > len(found.addresses) - first_count:
+        unreadable = True  # getaddresses did not find a mailbox in their place either
+    if unreadable:
+        # What a reader sees as a mailbox may be one no parser could read: say so, so that
+        # DMARC callers treat the field as having an unusable author (dkproxy.authors).
+        found.problems.append(f"{_shown(value)} does not parse as an RFC 5322 address list")
     if not found.addresses and not found.problems:
         found.problems.append("no mailbox")
     return found

@@ -27,7 +27,7 @@ def author_domains(message: Message) -> tuple[list[str], str, bool]:
     """(author domains in A-labels, why some or all were unusable, From present).
 
     Every mailbox of every From field counts. The text explains what could not be used
-    (no From field, an address literal, an invalid domain ...).
+    (no From field, an address literal, an invalid domain ...); see `unusable_authors`.
     """
     values = message.get_all("from")
     if not values:
@@ -42,8 +42,23 @@ def author_domains(message: Message) -> tuple[list[str], str, bool]:
         return [], "no usable author domain in From: " + "; ".join(problems), True
     notes = [f"{len(values)} From fields"] if len(values) > 1 else []
     if problems:
-        notes.append("; ".join(problems))
+        notes.append(UNUSABLE + "; ".join(problems))
     return domains, "; ".join(notes), True
+
+
+#: How `author_domains` starts the note on mailboxes it could not use beside usable ones.
+UNUSABLE = "unusable author mailbox: "
+
+
+def unusable_authors(reason: str) -> bool:
+    """Whether an `author_domains` reason names a From mailbox without a usable domain.
+
+    Such a mailbox (`a"@example.org`, an address literal, a domain IDNA refuses) is shown to
+    the reader like any other, but no DMARC policy can be applied to it: under reject_fail
+    dkproxy refuses the message (RFC 7489 6.6.1 lets receivers reject a From it cannot
+    evaluate), so an unusable author beside a passing one never hides a rejection.
+    """
+    return reason.startswith("no usable author domain") or UNUSABLE in reason
 
 
 def _strictness(result: dmarc_mod.DmarcResult) -> int:

@@ -279,3 +279,31 @@ def header_byte_ranges(message: Message, indexes: Iterable[int]) -> list[tuple[i
         starts.append(offset)
         offset += size
     return [(starts[i], starts[i] + sizes[i]) for i in sorted(set(indexes))]
+
+
+_FIELD_START = re.compile(rb"(?im)^" + FIELD_NAME + rb"[ \t]*:")
+
+
+def forged_ranges_in_raw(data: bytes, authserv_id: str) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of Authentication-Results fields claiming our id in a header
+    block that `Message` could not parse (a malformed line somewhere in it).
+
+    Readers differ on where such a header block ends, so every field of that name before the
+    first empty line counts, with its continuation lines (RFC 8601 5: a field claiming our
+    authserv-id that we did not add must not reach the reader).
+    """
+    ours = authserv_id.strip().rstrip(".").lower()
+    end = data.find(b"\r\n\r\n")
+    block = data if end < 0 else data[: end + 2]
+    ranges = []
+    for match in _FIELD_START.finditer(block):
+        start = match.start()
+        if start and block[start - 2 : start] != b"\r\n":
+            continue  # not at the start of a line that a CRLF began
+        stop = block.find(b"\r\n", start)
+        while stop >= 0 and block[stop + 2 : stop + 3] in (b" ", b"\t"):
+            stop = block.find(b"\r\n", stop + 2)
+        stop = len(block) if stop < 0 else stop + 2
+        if claimed_authserv_id(block[match.end() : stop]) == ours:
+            ranges.append((start, stop))
+    return ranges

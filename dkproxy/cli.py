@@ -95,6 +95,11 @@ def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
     def after_load() -> None:
         if cfg.daemonize:
             daemon.daemonize()
+        if cfg.user or cfg.group or cfg.chroot:
+            # Nothing the mail path loads on first use may be left for after the drop.
+            from dkproxy.preload import preload
+
+            preload()
         daemon.drop_privileges(cfg.user, cfg.group, cfg.chroot)
         if metrics_server is not None:
             metrics.start(metrics_server)  # a thread: after daemonize's forks, not before

@@ -720,6 +720,7 @@ def make_signature_template(values: dict[str, Any]) -> SignatureTemplate:
         identity = str(identity).strip()
         if "$" in identity:
             check_macros(identity, IDENTITY_MACROS, "i=")
+        identity = canonical_identity(identity)
         check_identity_syntax(identity, _sample(identity))
         out["identity"] = identity
     selector = out.get("selector")
@@ -779,6 +780,16 @@ def _sample(text: str) -> str:
     """`text` with its macros replaced by typical values, to check the shape of the rest."""
     samples = {"sender": "user@sub.example", "senderdomain": "sub.example", "$": "$"}
     return _MACRO_RE.sub(lambda m: samples.get(m.group(1), "sub.example"), text)
+
+
+def canonical_identity(identity: str) -> str:
+    """i= with a literal domain written in lower-case A-labels (U-labels accepted, as for
+    `domain`): it is compared with d= in A-labels (RFC 8616 s4). Macros are left alone;
+    raises ValueError for a domain that has no A-label form."""
+    local, at, domain = identity.rpartition("@")
+    if not at or not domain or "$" in domain:
+        return identity
+    return f"{local}@{to_alabels(domain.rstrip('.').lower())}"
 
 
 def check_identity_syntax(identity: str, sample: str | None = None) -> None:
@@ -1200,6 +1211,7 @@ def _apply_settings(mode: str, settings: list[_Setting], acc: _Values, replace: 
                 elif option.name == "identity":
                     if "$" in value:
                         check_macros(value, IDENTITY_MACROS, "identity")
+                    value = canonical_identity(value)
                     check_identity_syntax(value, _sample(value))
                 acc.set(target, value, setting.where)
             else:  # pragma: no cover - the option table and this switch must agree

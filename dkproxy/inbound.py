@@ -12,9 +12,11 @@ from dkproxy import arc, metrics
 from dkproxy.authresults import (
     authentication_results,
     forged_authentication_results,
+    forged_ranges_in_raw,
     header_byte_ranges,
 )
 from dkproxy.config import InboundConfig
+from dkproxy.dmarc import DmarcResult
 from dkproxy.dnsresolver import Resolver
 from dkproxy.message import Buffer, Message, MessageFormatError
 from dkproxy.session import Envelope, Outcome
@@ -53,10 +55,23 @@ class InboundVerifier:
             message = Message(bytes(data))  # dkimpy and pyspf want bytes
         except MessageFormatError as exc:
             # Nothing can be verified; say so rather than pass the mail without a verdict.
+            # The From a reader sees may sit above the bad line, so DMARC is not "none":
+            # it cannot be applied, which reject_fail (and a dmarc.permerror action) refuses
+            # like any other From without a usable author domain, never accepts silently.
             report = VerificationReport()
+            if self.settings.dmarc:
+                problem = f"header block cannot be parsed: {exc}"
+                report.author_problem = problem
+                report.dmarc = DmarcResult("permerror", None, reason=problem)
+                report.dmarc_authors = [report.dmarc]
             header = authentication_results(report, self.authserv_id)
             metrics.verified(report.method_results())
-            return Outcome(prepend=[header], summary=f"not verified: {exc}")
+            reject = self._verdict(report)
+            summary = f"not verified: {exc}" + (f" -> {reject}" if reject else "")
+            forged = forged_ranges_in_raw(bytes(data), self.authserv_id)
+            if forged:
+                summary += f" removed {len(forged)} forged Authentication-Results"
+            return Outcome(prepend=[header], reject=reject, summary=summary, remove_ranges=forged)
         report = await verify_message(
             message,
             client_ip=envelope.client_address,

@@ -78,9 +78,13 @@ def _parse_private_key(path: str, data: bytes) -> PrivateKey:
     Accepted: PEM PKCS#1 (`BEGIN RSA PRIVATE KEY`) and PKCS#8 (`BEGIN PRIVATE KEY`, RSA or
     Ed25519); the base64 body of either without its BEGIN/END lines (Mail::DKIM and OpenDKIM
     read keys handed out that way); a base64 32-byte Ed25519 seed (dkimpy's dknewkey, RFC
-    8463). LF or CRLF line ends.
+    8463). LF, CRLF or CR line ends, a UTF-8 byte order mark, white space at the end of lines (as
+    OpenSSL's PEM reader, which OpenDKIM and Mail::DKIM use, tolerates).
     """
-    text = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").strip()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte order mark, as Windows editors write
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    text = b"\n".join(line.rstrip() for line in lines).strip()
     if b"-----BEGIN " in text:
         return _parse_pem(path, _pem_block(text))
     compact = b"".join(text.split())

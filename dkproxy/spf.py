@@ -172,7 +172,12 @@ def _check_on_loop(query: Any, resolver: Resolver, reuse: _Reuse) -> tuple[str, 
 
 
 def _domain_of(identity: str) -> str:
-    return identity.rpartition("@")[2].rstrip(".").lower()
+    """The domain pyspf checked: after the first "@" (pyspf's split_email), so that the
+    domain DMARC aligns on is the one whose policy gave the result. With a second "@"
+    (`x@attacker.example@victim.example`) that is no domain name and aligns with nothing,
+    where the last "@" would have named a domain whose SPF policy was never consulted."""
+    domain = identity.partition("@")[2] if "@" in identity else identity
+    return domain.rstrip(".").lower()
 
 
 @dataclass(frozen=True)

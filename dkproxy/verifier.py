@@ -37,7 +37,7 @@ from . import dkim_verify
 from . import dmarc as dmarc_mod
 from . import domainkeys as dk
 from .addresses import canonical_domain_or_none
-from .authors import author_domains, evaluate_authors
+from .authors import author_domains, evaluate_authors, unusable_authors
 from .bodylength import uncovered_body
 from .dnsresolver import Resolver, TxtResult
 from .message import Message
@@ -659,7 +659,7 @@ async def verify_message(
     sender = message.sender()
     report.sender = str(sender) if sender else None
     authors, author_error, has_from = author_domains(message)
-    if settings.dmarc and has_from and not authors:
+    if settings.dmarc and has_from and (not authors or unusable_authors(author_error)):
         report.author_problem = author_error
 
     # Everything that needs DNS starts now and runs concurrently; the DMARC record is only
@@ -788,8 +788,9 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
       matching action wins.
     With several author domains (dkproxy.authors) the verdict is the most severe of those
     each author domain's DMARC result alone gives. Under reject_fail, a From field without
-    any author domain DMARC can evaluate is rejected (the safe result: RFC 7489 6.6.1 leaves
-    such messages out of scope).
+    any author domain DMARC can evaluate, or with a mailbox whose domain cannot be used
+    beside usable ones, is rejected (the safe result: RFC 7489 6.6.1 leaves such messages
+    out of scope).
     """
     if len(report.dmarc_authors) > 1:
         each = [

@@ -718,6 +718,13 @@ def _key_forms(pem_path: str) -> dict[str, bytes]:
         b" Attributes>\n" + pkcs8,
         "certificate-first": b"-----BEGIN CERTIFICATE-----\nMIIBAAAA\n-----END CERTIFICATE-----\n"
         + pkcs1,
+        # Saved by a Windows editor: byte order mark and CRLF; OpenSSL's PEM reader also
+        # drops white space at the end of lines, and old Mac CR line ends read as line ends.
+        "bom-pem-pkcs1-crlf": b"\xef\xbb\xbf" + pkcs1.replace(b"\n", b"\r\n"),
+        "bom-bare-pkcs1-crlf": b"\xef\xbb\xbf" + body(pkcs1).replace(b"\n", b"\r\n"),
+        "pem-trailing-blanks": b"".join(line + b" \t\r\n" for line in pkcs8.splitlines()),
+        "pem-cr-only": pkcs1.replace(b"\n", b"\r"),
+        "text-after-end": pkcs1 + b"\nsaved 2026-11-30 by the provider's console\n",
     }
 
 
@@ -738,7 +745,8 @@ def test_headerless_keys_sign_mail_that_verifiers_and_dkimproxy_accept(
     """The field report: a base64 PKCS#1 body without BEGIN/END lines, as some providers hand
     keys out. DKIMproxy's Mail::DKIM signs with it, and so must `dkproxy out`."""
     forms = _key_forms(rsa_generated.key)
-    for name in ("bare-pkcs1", "bare-pkcs8-crlf", "pem-pkcs1-crlf"):
+    for name in ("bare-pkcs1", "bare-pkcs8-crlf", "pem-pkcs1-crlf", "bom-pem-pkcs1-crlf",
+                 "pem-trailing-blanks"):  # fmt: skip
         path = tmp_path / f"{name}.key"
         path.write_bytes(forms[name])
         gen = Generated(rsa_generated.domain, rsa_generated.selector, str(path), "")
@@ -825,6 +833,10 @@ def test_ed25519_key_forms_load(tmp_path: Path) -> None:
         "bare-pkcs8-crlf": body,
         "seed": base64.b64encode(seed) + b"\n",
         "seed-crlf": base64.b64encode(seed) + b"\r\n",
+        "bom-seed-crlf": b"\xef\xbb\xbf" + base64.b64encode(seed) + b"\r\n",
+        "bare-pkcs8-one-line": b"".join(body.split()),
+        "bom-pem-trailing-blanks": b"\xef\xbb\xbf"
+        + b"".join(line + b"  \r\n" for line in pem.splitlines()),
     }
     expected = base64.b64encode(
         key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

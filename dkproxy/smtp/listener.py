@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, AnyStr, Protocol, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
-from dkproxy.message import wire_line_ends
+from dkproxy.message import break_long_lines, wire_line_ends
 from dkproxy.smtp.downstream import (
     CONTROL_OCTETS,
     Downstream,
@@ -605,6 +605,7 @@ class Listener(SMTP):
         kept = True
         after_crlf = True  # buf begins right after a CRLF (or at the start of DATA)
         line_start = True  # ... or after a bare LF, which also starts a line
+        column = 0  # characters of the current (stored) line in earlier pieces
         while True:
             while len(buf) < 3:
                 buf += await self._fill()
@@ -630,7 +631,9 @@ class Listener(SMTP):
                 else:
                     cut = consumed = last + 2
             if kept:
-                spool.write(data_piece(bytes(buf[:cut]), line_start))
+                # Lines over 998 characters: broken as Postfix's smtp client sends them on.
+                stored, column = break_long_lines(data_piece(bytes(buf[:cut]), line_start), column)
+                spool.write(stored)
                 if max_size and len(spool) > max_size:
                     spool.close()  # keep reading to the end, keep nothing
                     kept = False

@@ -181,13 +181,13 @@ def run(
     worker retire after that many connections (Net::Server's max_requests); 0: never.
     """
     processor = processor_factory()
+    runner = _event_loop_runner()  # before the privilege drop: uvloop may be unreadable after
     if after_load is not None:
         after_load()
     # The socket is bound and listening and the keys are loaded: connections queue in the
     # backlog until the workers accept them, so systemd may start Postfix now.
     status = f"accepting mail, {max(workers, 1)} worker(s)"
     sd_notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
-    runner = _event_loop_runner()
     pressure = PoolPressure()  # shared by the workers forked below
 
     def serve_here() -> None:
