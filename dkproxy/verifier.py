@@ -671,7 +671,7 @@ async def verify_message(
         warm.extend(resolver.txt_future(f"_dmarc.{a}") for a in authors)
     arc_task: asyncio.Future[arc_mod.ArcResult] | None = None
     if settings.arc:
-        arc_task = asyncio.ensure_future(arc_mod.verify(message, resolver, settings.min_key_bits))
+        arc_task = arc_mod.start_verify(message, resolver, settings.min_key_bits)
     spf_task: asyncio.Future[SpfResult | None] | None = None
     if settings.spf and client_ip:
         spf_task = start_spf_check(
