@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import dkim
@@ -290,7 +290,18 @@ def _finish(base: SignatureResult, result: SigValue, reason: str) -> SignatureRe
 
 
 def _replace(base: SignatureResult, **changes: object) -> SignatureResult:
-    return replace(base, **changes)  # type: ignore[arg-type]
+    """`dataclasses.replace` without its per-field introspection and frozen __setattr__
+    calls (several per signature): the new result's attributes are the old ones updated."""
+    if not changes.keys() <= _RESULT_FIELDS:
+        return replace(base, **changes)  # type: ignore[arg-type]  # raises, naming the field
+    new = object.__new__(SignatureResult)
+    attributes = new.__dict__
+    attributes.update(base.__dict__)
+    attributes.update(changes)
+    return new
+
+
+_RESULT_FIELDS = frozenset(f.name for f in fields(SignatureResult))
 
 
 def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | _Pending:
