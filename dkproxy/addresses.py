@@ -12,6 +12,7 @@ rule and an A-label sender (or the reverse) meet.
 from __future__ import annotations
 
 import email.headerregistry
+import functools
 import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
@@ -159,8 +160,16 @@ def parse_mailboxes(value: str) -> Mailboxes:
     The standard library's header parser reads the field; the mailboxes that
     `email.utils.getaddresses` finds besides (it splits `a@x.example <b@y.example>` into two,
     for instance) are added after them, so a caller looking for every author domain sees
-    each domain either parser would report.
+    each domain either parser would report. The parse is pure, so it is kept per field value
+    (the sender and the author domains read the same From field; senders repeat); each
+    caller gets its own copy of the lists.
     """
+    found = _parse_mailboxes(value)
+    return Mailboxes(list(found.addresses), list(found.problems))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_mailboxes(value: str) -> Mailboxes:
     found = Mailboxes()
     seen: set[tuple[str, str]] = set()
     simple = _simple_mailboxes(value)

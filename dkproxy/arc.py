@@ -409,14 +409,35 @@ def evaluate(
     )
 
 
+def start_verify(
+    message: Message, resolver: Resolver, min_bits: int = 1024
+) -> asyncio.Future[ArcResult]:
+    """`verify` started now: an already-finished future when the chain needs no key (no ARC
+    field at all, the usual case, or a structural fault), so that it costs no task and no
+    trip through the event loop; else a task checking the chain."""
+    try:
+        chain = collect(message)
+    except Exception as exc:  # a bug must cost the chain its verdict, never the message
+        log.exception("cannot verify the ARC chain")
+        chain = ArcResult("fail", f"internal error ({exc.__class__.__name__})")
+    if isinstance(chain, ArcResult):
+        done: asyncio.Future[ArcResult] = asyncio.get_running_loop().create_future()
+        done.set_result(chain)
+        return done
+    return asyncio.ensure_future(_verify_chain(message, chain, resolver, min_bits))
+
+
 async def verify(message: Message, resolver: Resolver, min_bits: int = 1024) -> ArcResult:
     """Check the message's ARC chain; keys come through `resolver` (shared cache). Never raises
     for bad input: a DNS failure on a key makes the chain fail, as RFC 8617 5.2 leaves no
     temperror result for arc=."""
+    return await start_verify(message, resolver, min_bits)
+
+
+async def _verify_chain(
+    message: Message, chain: Chain, resolver: Resolver, min_bits: int
+) -> ArcResult:
     try:
-        chain = collect(message)
-        if isinstance(chain, ArcResult):
-            return chain
         names = chain.key_names
         answers = await asyncio.gather(*(resolver.txt(name) for name in names))
         return evaluate(message, chain, dict(zip(names, answers, strict=True)), min_bits)

@@ -83,9 +83,13 @@ async def evaluate_authors(
     pass_list, temp_list = list(passes), list(temporary)
     if not domains:
         return [await dmarc_mod.evaluate(resolver, None, (), from_error=from_error)]
-    results = await asyncio.gather(
-        *(dmarc_mod.evaluate(resolver, d, pass_list, temp_list) for d in domains)
-    )
+    if len(domains) == 1:
+        # The usual single author: awaited directly, no task and no trip through the loop.
+        results = [await dmarc_mod.evaluate(resolver, domains[0], pass_list, temp_list)]
+    else:
+        results = await asyncio.gather(
+            *(dmarc_mod.evaluate(resolver, d, pass_list, temp_list) for d in domains)
+        )
     ordered = sorted(results, key=_strictness)
     notes = [from_error] if from_error else []
     if len(ordered) > 1:

@@ -8,6 +8,7 @@ Each result goes on its own folded line, which keeps lines short and the header 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -42,12 +43,14 @@ def value(text: str) -> str:
     return text if _TOKEN.fullmatch(text) else _quoted(text)
 
 
+@functools.lru_cache(maxsize=4096)
 def _plain(text: str, *, address: bool = False) -> str | None:
     """A property value that needs no quoting, or None to leave the property out.
 
     Only the last property of a clause may be a quoted-string for the `authres` parser
     (its look-ahead wants ";" after one), and a value that is not a token or an address is
-    sender-made junk anyway: the reason= text carries what went wrong.
+    sender-made junk anyway: the reason= text carries what went wrong. Pure, and the same
+    domains, selectors and identities come back message after message: kept per value.
     """
     cleaned = _clean(text)
     if cleaned != text or not text:
@@ -177,17 +180,27 @@ def _arc_words(arc: ArcResult, client_ip: str | None) -> list[str]:
 
 def _fold(head: str, clauses: list[list[str]]) -> str:
     """Put each clause on its own line; break long clauses between words."""
+    # Every word is printable ASCII without tabs (see _clean), so a line's width is its
+    # leading tab (8 columns) plus its length after it: counted as we go, not re-measured.
     lines = [head]
+    final = len(clauses) - 1
     for n, words in enumerate(clauses):
-        suffix = ";" if n < len(clauses) - 1 else ""
+        suffix = ";" if n < final else ""
+        last = len(words) - 1
         line = "\t"
+        width = 8
         for i, word in enumerate(words):
-            piece = word + (suffix if i == len(words) - 1 else "")
-            if line.strip() and len(line.expandtabs(8)) + 1 + len(piece) > FOLD_WIDTH:
+            piece = word + suffix if i == last else word
+            if width == 8:  # nothing on this line yet
+                line += piece
+                width += len(piece)
+            elif width + 1 + len(piece) > FOLD_WIDTH:
                 lines.append(line)
                 line = "\t  " + piece
+                width = 10 + len(piece)
             else:
-                line = line + piece if not line.strip() else line + " " + piece
+                line += " " + piece
+                width += 1 + len(piece)
         lines.append(line)
     return "\r\n".join(lines) + "\r\n"
 
@@ -198,6 +211,7 @@ def authentication_results(report: VerificationReport, authserv_id: str) -> byte
     return _fold(head, result_words(report)).encode("ascii")
 
 
+@functools.lru_cache(maxsize=64)
 def authserv_id_value(authserv_id: str) -> str:
     cleaned = _clean(authserv_id.strip())
     if not cleaned:

@@ -86,7 +86,14 @@ class MessageHashes:
     ) -> None:
         """`dkim.hash_headers` on this message: dkimpy's selection and canonicalization,
         applied to the selected fields only rather than to the whole header block."""
-        selected = dkim.select_headers(self._names(policy), include)
+        # dkimpy's selection scans the header list backwards once per h= name, and an
+        # oversigned name (one listed but absent, or listed twice) scans all of it. Fields
+        # whose name is not in h= can never be selected (it compares names lower-cased), so
+        # dkimpy selects among the others only: the same fields in the same order.
+        wanted = set(include)
+        selected = dkim.select_headers(
+            [item for item in self._names(policy) if item[0].lower() in wanted], include
+        )
         fields = self._canonical(policy, [i for _n, i in selected])
         signature = policy.canonicalize_headers([(sig_header[0], strip_b(sig_header[1]))])
         # The signature field is hashed without its final CRLF (RFC 6376 3.7).

@@ -39,12 +39,14 @@ class Message:
     handed to dkimpy's canonicalization unchanged.
     """
 
-    __slots__ = ("_body_bytes", "body_offset", "data", "header_end", "headers")
+    __slots__ = ("_body_bytes", "_fields", "body_offset", "data", "header_end", "headers")
 
     def __init__(self, data: Buffer) -> None:
         self.data = data
         self.headers: list[list[bytes]] = []
         self._body_bytes: bytes | None = None
+        #: Field values by lower-case name, unfolded and stripped; made on first lookup.
+        self._fields: dict[bytes, list[bytes]] | None = None
         self.header_end, self.body_offset = _find_header_end(data)
         self._parse_headers(bytes(data[: self.header_end]))
 
@@ -113,12 +115,20 @@ class Message:
 
     def get_all(self, name: str) -> list[bytes]:
         """Values of every field called `name` (case-insensitive), unfolded and stripped."""
-        wanted = name.lower().encode("ascii")
-        return [
-            _UNFOLD.sub(b"", value).strip()
-            for field_name, value in self.headers
-            if field_name.rstrip(b" \t").lower() == wanted
-        ]
+        fields = self._fields
+        if fields is None:
+            # One pass over the header block serves every lookup of the message (sender,
+            # author, list id, message id ...), instead of one pass per lookup.
+            fields = self._fields = {}
+            for field_name, value in self.headers:
+                key = field_name.rstrip(b" \t").lower()
+                unfolded = (
+                    _UNFOLD.sub(b"", value).strip()
+                    if b"\n " in value or b"\n\t" in value
+                    else value.strip()
+                )
+                fields.setdefault(key, []).append(unfolded)
+        return list(fields.get(name.lower().encode("ascii"), ()))
 
     def get_last(self, name: str) -> str | None:
         """The last occurrence wins, as in Mail::DKIM and DKIMproxy."""

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 import dkim
@@ -290,7 +290,18 @@ def _finish(base: SignatureResult, result: SigValue, reason: str) -> SignatureRe
 
 
 def _replace(base: SignatureResult, **changes: object) -> SignatureResult:
-    return replace(base, **changes)  # type: ignore[arg-type]
+    """`dataclasses.replace` without its per-field introspection and frozen __setattr__
+    calls (several per signature): the new result's attributes are the old ones updated."""
+    if not changes.keys() <= _RESULT_FIELDS:
+        return replace(base, **changes)  # type: ignore[arg-type]  # raises, naming the field
+    new = object.__new__(SignatureResult)
+    attributes = new.__dict__
+    attributes.update(base.__dict__)
+    attributes.update(changes)
+    return new
+
+
+_RESULT_FIELDS = frozenset(f.name for f in fields(SignatureResult))
 
 
 def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | _Pending:
@@ -671,7 +682,7 @@ async def verify_message(
         warm.extend(resolver.txt_future(f"_dmarc.{a}") for a in authors)
     arc_task: asyncio.Future[arc_mod.ArcResult] | None = None
     if settings.arc:
-        arc_task = asyncio.ensure_future(arc_mod.verify(message, resolver, settings.min_key_bits))
+        arc_task = arc_mod.start_verify(message, resolver, settings.min_key_bits)
     spf_task: asyncio.Future[SpfResult | None] | None = None
     if settings.spf and client_ip:
         spf_task = start_spf_check(
