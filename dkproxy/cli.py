@@ -36,8 +36,10 @@ def _fail(message: str, status: int = 2) -> int:
 
 def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
     """Parse the configuration, bind, load keys and maps, drop privileges, then serve."""
-    from dkproxy import config, daemon, server
-    from dkproxy.session import Processor, SessionSettings
+    from dkproxy import config, daemon
+    from dkproxy.session import Processor
+    from dkproxy.smtp import server
+    from dkproxy.smtp.settings import SessionSettings
 
     try:
         cfg = config.parse_proxy_command(mode, argv)

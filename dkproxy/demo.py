@@ -23,10 +23,10 @@ from dkproxy import config, domainkeys
 from dkproxy.keys import load_signing_key
 from dkproxy.message import Message
 from dkproxy.policy import SigningPolicy
-from dkproxy.relay import RelayClient
-from dkproxy.server import ProxyServer
-from dkproxy.session import SessionSettings
 from dkproxy.signer import OutboundSigner, assemble
+from dkproxy.smtp.downstream import Downstream, DownstreamSettings
+from dkproxy.smtp.server import ProxyServer
+from dkproxy.smtp.settings import SessionSettings
 
 DOMAIN = "example.com"
 
@@ -120,9 +120,9 @@ async def _run(workdir: Path) -> int:
     proxy_task = asyncio.create_task(proxy.serve())
     await asyncio.sleep(0.05)
 
-    client = RelayClient("127.0.0.1", proxy_port, timeout=10)
+    client = Downstream(DownstreamSettings("127.0.0.1", proxy_port, timeout=10))
     await client.connect()
-    await client.ehlo("demo.client")
+    await client.ehlo(b"demo.client")
     await client.command(b"MAIL FROM:<alice@example.com>")
     await client.command(b"RCPT TO:<bob@example.net>")
     reply = await client.send_message([_sample_message()])

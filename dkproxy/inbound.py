@@ -16,9 +16,9 @@ from dkproxy.authresults import (
 from dkproxy.config import InboundConfig
 from dkproxy.dnsresolver import Resolver
 from dkproxy.message import Buffer, Message, MessageFormatError
-from dkproxy.relay import Part, Reply
 from dkproxy.session import Envelope, Outcome
-from dkproxy.spool import Spool
+from dkproxy.smtp.downstream import Part, Reply
+from dkproxy.smtp.spool import Spool
 from dkproxy.verifier import VerificationReport, VerifySettings, decide, verify_message
 
 

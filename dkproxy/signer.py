@@ -12,9 +12,9 @@ from dkproxy import dkim_signer, domainkeys
 from dkproxy.config import OutboundConfig
 from dkproxy.message import Buffer, Message, MessageFormatError
 from dkproxy.policy import SignatureSpec, SigningPolicy
-from dkproxy.relay import Part, local_reply
 from dkproxy.session import Envelope, Outcome
-from dkproxy.spool import Spool
+from dkproxy.smtp.downstream import Part, local_reply
+from dkproxy.smtp.spool import Spool
 
 SIGNING_ERROR_REPLY = "4.3.0 Error: message could not be signed, try again later"
 

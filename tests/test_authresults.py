@@ -17,8 +17,8 @@ from dkproxy.dmarc import DmarcRecord, DmarcResult
 from dkproxy.inbound import assemble_inbound
 from dkproxy.message import Message
 from dkproxy.session import Outcome
+from dkproxy.smtp.spool import Spool
 from dkproxy.spf import SpfResult
-from dkproxy.spool import Spool
 from dkproxy.verifier import SignatureResult, VerificationReport
 
 AUTHSERV = "mx.ar.test"

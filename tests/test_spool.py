@@ -9,8 +9,8 @@ import pytest
 
 from dkproxy.dkim_signer import body_hash
 from dkproxy.message import Message
-from dkproxy.relay import dot_stuffed
-from dkproxy.spool import Spool
+from dkproxy.smtp.downstream import dot_stuffed
+from dkproxy.smtp.spool import Spool
 
 
 def reference_stuffing(data: bytes) -> bytes:

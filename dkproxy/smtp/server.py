@@ -5,7 +5,8 @@ the start with a clear error. With `workers > 1` the parent forks that many chil
 all accept on the inherited socket (keys are loaded before the fork and shared copy-on-write)
 and restarts any child that dies. SIGTERM/SIGINT stop accepting and let sessions finish;
 SIGHUP rebuilds the processor from the configuration (a broken new configuration is logged
-and the old one kept).
+and the old one kept). Each worker serves its connections with the aiosmtpd listener
+(`loop.create_server` on the inherited socket, one `Listener` per connection).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dkproxy.daemon import AccessList
-from dkproxy.relay import RelayPool
-from dkproxy.session import Assembler, Processor, SessionSettings, SmtpSession
+from dkproxy.session import Assembler, Processor, Proxy
+from dkproxy.smtp.downstream import DownstreamPool, PoolPressure
+from dkproxy.smtp.listener import Listener
+from dkproxy.smtp.settings import SessionSettings
 
 log = logging.getLogger("dkproxy.server")
 
@@ -43,7 +46,11 @@ def bind(host: str, port: int, backlog: int = 1024) -> socket.socket:
 
 
 class ProxyServer:
-    """Accepts upstream connections on a bound socket and runs a session for each."""
+    """One worker: accepts upstream connections on a bound socket, a `Listener` for each.
+
+    It is also what the sessions share (settings, proxy logic, downstream pool) and the one
+    place where sessions open and close and downstream failures are counted.
+    """
 
     def __init__(
         self,
@@ -53,20 +60,25 @@ class ProxyServer:
         processor_factory: ProcessorFactory,
         assembler: Assembler,
         access: AccessList | None = None,
+        pressure: PoolPressure | None = None,
     ) -> None:
         self.sock = sock
         self.access = access or AccessList()
         self.settings = settings
-        self.processor = processor
+        self.logic = Proxy(processor, assembler, settings.max_message_size)
         self.processor_factory = processor_factory
-        self.assembler = assembler
         self.sessions: set[asyncio.Task[None]] = set()
         self._stopping: asyncio.Event | None = None
         self.max_connections = 0
         self.connections = 0
-        self.pool = RelayPool(settings.relay_host, settings.relay_port, settings.relay_timeout)
+        self.pool = DownstreamPool(settings.downstream(), pressure=pressure)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    @property
+    def processor(self) -> Processor:
+        return self.logic.processor
+
+    def session_opened(self, listener: Listener) -> str | None:
+        """A connection starts; the reply refusing it, or None to serve it."""
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
@@ -74,35 +86,33 @@ class ProxyServer:
         if self.max_connections and self.connections >= self.max_connections:
             assert self._stopping is not None
             self._stopping.set()  # retire after this session; the supervisor starts a new one
-        try:
-            if self.access.active and not self._permitted(writer):
-                return
-            session = SmtpSession(
-                reader, writer, self.settings, self.processor, self.assembler, self.pool
-            )
-            await session.run()
-        finally:
+        if self.access.active and not self.access.permits(listener.peer):
+            # Net::Server's allow/deny: a refused client gets 554 and the connection is closed.
+            log.warning("client=%s refused by the access list", listener.peer)
+            return "554 5.7.1 Access denied"
+        return None
+
+    def session_closed(self, listener: Listener) -> None:
+        task = asyncio.current_task()
+        if task is not None:
             self.sessions.discard(task)
+
+    def downstream_failed(self, kind: str) -> None:
+        """A downstream session failed: kind is "connect", "timeout", "closed", "refused" or
+        "protocol" (the session has logged the details)."""
+
+    def _listener(self) -> Listener:
+        return Listener(self)
 
     async def _expire_idle(self) -> None:
         while True:
-            await asyncio.sleep(self.pool.max_idle / 3)
-            await self.pool.expire()
-
-    def _permitted(self, writer: asyncio.StreamWriter) -> bool:
-        """Net::Server's allow/deny: a refused client gets 554 and the connection is closed."""
-        peer = writer.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) else ""
-        if self.access.permits(address):
-            return True
-        log.warning("client=%s refused by the access list", address)
-        writer.write(b"554 5.7.1 Access denied\r\n")
-        writer.close()
-        return False
+            # Often: another worker may be waiting for the sessions this one holds.
+            await asyncio.sleep(0.1)
+            self.pool.expire()
 
     def reload(self) -> None:
         try:
-            self.processor = self.processor_factory()
+            self.logic.processor = self.processor_factory()
         except Exception as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
         else:
@@ -111,7 +121,11 @@ class ProxyServer:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(self._handle, sock=self.sock, limit=1 << 16)
+        # aiosmtpd logs every command line at INFO on "mail.log": only with debugtrace.
+        logging.getLogger("mail.log").setLevel(
+            logging.INFO if self.settings.debugtrace else logging.WARNING
+        )
+        server = await loop.create_server(self._listener, sock=self.sock)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -166,9 +180,12 @@ def run(
     if after_load is not None:
         after_load()
     runner = _event_loop_runner()
+    pressure = PoolPressure()  # shared by the workers forked below
 
     def serve_here() -> None:
-        server = ProxyServer(sock, settings, processor, processor_factory, assembler, access)
+        server = ProxyServer(
+            sock, settings, processor, processor_factory, assembler, access, pressure
+        )
         server.max_connections = max_connections
         runner(server.serve())
 

@@ -1,0 +1,1 @@
+"""dkproxy's SMTP layer: aiosmtpd listener, aiosmtplib downstream, spool, workers."""

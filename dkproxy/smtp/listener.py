@@ -1,0 +1,615 @@
+"""The upstream side: an `aiosmtpd.smtp.SMTP` subclass, one instance per connection.
+
+aiosmtpd keeps the command loop, timeouts, STARTTLS, AUTH and the PROXY protocol. This
+subclass replaces the commands whose stock behaviour a transparent proxy cannot accept:
+stock MAIL upper-cases parameter values (ENVID and ORCPT are case-sensitive xtext) and stock
+RCPT answers 555 to NOTIFY/ORCPT, while here MAIL, RCPT, RSET, XFORWARD and EHLO/HELO go to
+the downstream verbatim and the downstream's own reply comes back; DATA streams into a
+`Spool` instead of a list of lines. Every reply that commits mail is the downstream's.
+
+Command arguments are decoded by aiosmtpd as UTF-8 with surrogateescape
+(`enable_SMTPUTF8=True`), so `arg.encode("utf-8", "surrogateescape")` gives back the octets
+the client sent: an argument is carried downstream as sent, or refused with 501 when it holds
+a control octet (which no SMTP argument may, and which would inject a command).
+
+Non-public aiosmtpd interfaces relied on (aiosmtpd 1.4.6, pinned <1.5 in pyproject.toml):
+`SMTP._handle_client` (wrapped: the downstream is opened before the greeting and released
+after the session), `SMTP._smtp_methods` (its verb table, given a fallback for unknown
+verbs), `SMTP._reader` / `SMTP._writer` and the reader's `_buffer` (to know whether pipelined
+commands are waiting), `SMTP._reset_timeout()` (the idle timer, re-armed while DATA flows),
+`SMTP._handler_coroutine` (cancelled to end a session whose client left mid-DATA, as
+aiosmtpd's QUIT does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AnyStr, Protocol, TypeVar
+
+from aiosmtpd.smtp import SMTP
+
+from dkproxy.smtp.downstream import (
+    CONTROL_OCTETS,
+    Downstream,
+    DownstreamError,
+    DownstreamPool,
+    Reply,
+)
+from dkproxy.smtp.spool import Spool
+
+if TYPE_CHECKING:
+    from dkproxy.smtp.settings import SessionSettings
+
+log = logging.getLogger("dkproxy.session")
+T = TypeVar("T")
+
+_MAIL_FROM = re.compile(r"FROM:\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | re.DOTALL)
+_RCPT_TO = re.compile(r"TO:\s*(<[^>]*>|[^\s<>]+)(.*)$", re.IGNORECASE | re.DOTALL)
+#: Extensions passed upstream when the downstream has them; everything else is withheld.
+RELAYED_EXTENSIONS = ("8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES", "XFORWARD")
+#: How much DATA is taken from the stream at a time at most (it is what has arrived).
+_READ_ALL = 1 << 30
+_SCAN_CHUNK = 1 << 16
+
+
+class Transaction(Protocol):
+    """What the listener records about the current mail transaction (the proxy's Envelope)."""
+
+    helo: str | None
+    mail_from: str | None
+    mail_line: bytes
+    rcpt_to: list[str]
+    xforward: dict[str, str]
+
+
+class ProxyLogic(Protocol):
+    """The proxy above the listener: transactions, the processor, verdicts, the log line."""
+
+    def begin(self, peer: str, helo: str | None) -> Transaction: ...
+
+    async def deliver(
+        self, downstream: Downstream, tx: Transaction, spool: Spool | None, started: float
+    ) -> Reply: ...
+
+
+class Worker(Protocol):
+    """What a worker process shares with its sessions (see dkproxy.smtp.server)."""
+
+    settings: SessionSettings
+    logic: ProxyLogic
+    pool: DownstreamPool
+
+    def session_opened(self, listener: Listener) -> str | None:
+        """None, or the reply that refuses the session (e.g. the access list)."""
+
+    def session_closed(self, listener: Listener) -> None: ...
+
+    def downstream_failed(self, kind: str) -> None: ...
+
+
+class ClientGone(Exception):
+    """The upstream client closed the connection in the middle of DATA."""
+
+
+def data_piece(piece: bytes, line_start: bool) -> bytes:
+    """One line-aligned piece of DATA as it goes into the spool: line ends made CRLF, the
+    dot-stuffing undone (RFC 5321 4.5.2). `line_start`: the piece begins a line.
+
+    Bare LF: Postfix and every verifier read it as a line end, and Postfix stores it as CRLF;
+    it is sent on as CRLF too, so what we sign is what arrives (also the dot after it is
+    stuffing, as Postfix reads it). This is the one place DATA content is normalised.
+    """
+    if piece.count(b"\n") != piece.count(b"\r\n"):
+        piece = piece.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if line_start and piece.startswith(b"."):
+        piece = piece[1:]
+    return piece.replace(b"\r\n.", b"\r\n")
+
+
+def _address(token: str) -> str:
+    """The address of a MAIL/RCPT path, without angle brackets."""
+    text = token.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text[1:-1] if text.startswith("<") and text.endswith(">") else text
+
+
+def _octets(arg: str | None) -> bytes:
+    return arg.encode("utf-8", "surrogateescape") if arg else b""
+
+
+def _has_control(octets: bytes) -> bool:
+    return not CONTROL_OCTETS.isdisjoint(octets)
+
+
+class _Verbs(dict[str, Any]):
+    """aiosmtpd's verb table, answering unknown verbs with the listener's own handler (so
+    that they count as protocol errors, as every other error does)."""
+
+    fallback: Callable[[str, str | None], Awaitable[None]]
+
+    def get(self, verb: str, default: Any = None) -> Any:  # type: ignore[override]
+        method = dict.get(self, verb)
+        return method if method is not None else functools.partial(self.fallback, verb)
+
+
+class Listener(SMTP):
+    """Serves one upstream connection, relaying to its own downstream session."""
+
+    def __init__(self, worker: Worker, **aiosmtpd_options: Any) -> None:
+        settings = worker.settings
+        # The stream's limit is also its flow-control mark; command lines are held to
+        # max_command_line by command_size_limit below.
+        self.line_length_limit = max(settings.max_command_line + 2, _SCAN_CHUNK)
+        self.command_size_limit = settings.max_command_line
+        self.command_size_limits = _SameLimit(settings.max_command_line)
+        options = {**settings.listener_options, **aiosmtpd_options}
+        self._auth_offered = bool(options.get("authenticator") or options.get("auth_callback"))
+        super().__init__(
+            worker.logic,
+            hostname=settings.hostname,
+            ident=settings.ident,
+            data_size_limit=settings.max_message_size or None,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            timeout=settings.command_timeout,
+            **options,
+        )
+        verbs = _Verbs(self._smtp_methods)
+        verbs.fallback = self._unknown_verb
+        self._smtp_methods = verbs
+        self.worker = worker
+        self.settings = settings
+        self.logic = worker.logic
+        self.peer = "unknown"
+        self.downstream: Downstream | None = None
+        #: The downstream session came from the pool and has not answered yet.
+        self._untested = False
+        #: The downstream said 421 or failed: never pool it.
+        self._spent = False
+        self._extended = False
+        self.helo: str | None = None
+        self.tx: Transaction = self.logic.begin(self.peer, None)
+        self._errors = 0
+        self._replies: list[bytes] = []
+        self._unyielded = 0
+
+    # -- session ---------------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        peer = self.session.peer if self.session is not None else None
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        self.tx = self.logic.begin(self.peer, None)
+        refusal = self.worker.session_opened(self)
+        try:
+            if refusal is not None:
+                await self._close_with(refusal)
+            elif await self._open_downstream():
+                await super()._handle_client()
+        finally:
+            self._release_downstream()
+            self.worker.session_closed(self)
+
+    async def _open_downstream(self) -> bool:
+        """Take a pooled downstream session or open one; if neither works, tell the client
+        to come back later (4xx) and end the session."""
+        pool = self.worker.pool
+        pooled = pool.take()
+        if pooled is not None:
+            self.downstream, self._untested = pooled, True
+            return True
+        host = self.settings.hostname
+        try:
+            self.downstream, greeting = await pool.open()
+        except DownstreamError as exc:
+            self.worker.downstream_failed(exc.kind)
+            log.warning("client=%s downstream unavailable: %s", self.peer, exc)
+            await self._close_with(f"421 4.4.1 {host} downstream unavailable, try again later")
+            return False
+        if greeting.code != 220:
+            # The downstream refuses sessions (e.g. overloaded): say so with a temporary code.
+            self._spent = True
+            self.worker.downstream_failed("refused")
+            code = 421 if greeting.code < 500 else 554
+            await self._close_with(f"{code} {host} downstream said: {greeting}")
+            return False
+        return True
+
+    def _release_downstream(self) -> None:
+        """Pool the downstream session if it is between transactions, else end it."""
+        downstream, self.downstream = self.downstream, None
+        if downstream is not None:
+            clean = self.tx.mail_from is None and not self._spent
+            self.worker.pool.give_back(downstream, clean)
+
+    async def _close_with(self, status: str) -> None:
+        self._replies.append(status.encode("utf-8", "surrogateescape") + b"\r\n")
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _downstream_failed(self, exc: DownstreamError) -> None:
+        """The downstream is gone: tell the client to try later and end the session."""
+        self._spent = True
+        self.worker.downstream_failed(exc.kind)
+        log.warning("client=%s downstream failure: %s", self.peer, exc)
+        host = self.settings.hostname
+        await self._close_with(f"421 4.4.2 {host} downstream failed, try again later")
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug of ours: log it, answer 421 and end the session (never a traceback to the
+        client, never a half-done transaction)."""
+        log.exception("client=%s internal error; closing the session", self.peer)
+        self._spent = True
+        return "421 4.3.0 internal error, try again later"
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def _input_waiting(self) -> bool:
+        """A complete command line has been received and not yet served (pipelining)."""
+        return b"\n" in self._reader._buffer  # type: ignore[attr-defined]
+
+    def _flush(self) -> None:
+        if self._replies:
+            data = b"".join(self._replies)
+            self._replies.clear()
+            if self.settings.debugtrace:
+                log.info("client=%s < %r", self.peer, data)
+            if self.transport is not None and not self.transport.is_closing():
+                self._writer.write(data)
+
+    async def push(self, status: AnyStr) -> None:
+        """Queue one reply; replies to pipelined commands go out in one write (RFC 2920, as
+        Postfix does), and after `fairness_batch` of them the session lets the others run."""
+        data = status if isinstance(status, bytes) else status.encode("utf-8", "surrogateescape")
+        if data[:1] == b"5":
+            self._errors += 1
+            if self._errors >= self.settings.max_errors:
+                await self._close_with("421 4.7.0 Error: too many errors")
+                return
+        await self.send(data + b"\r\n")
+
+    async def send(self, data: bytes) -> None:
+        """Queue wire-ready reply lines (CRLF included) and flush them when due."""
+        self._replies.append(data)
+        closing = data[:3] in (b"221", b"421")
+        if not closing and self._input_waiting():
+            self._unyielded += 1
+            if self._unyielded < self.settings.fairness_batch:
+                return
+            self._flush()
+            self._unyielded = 0
+            await asyncio.sleep(0)  # fairness: a pipelining client must not starve others
+            return
+        self._unyielded = 0
+        self._flush()
+        if closing:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await self._writer.drain()
+
+    async def send_reply(self, reply: Reply) -> None:
+        """A downstream reply, passed upstream line by line as it came."""
+        await self.send(reply.render())
+        if reply.code == 421:
+            self._spent = True
+
+    # -- downstream calls --------------------------------------------------------------------
+
+    async def _relay(self, call: Callable[[Downstream], Awaitable[T]]) -> T | None:
+        """Run a downstream call; None after telling the client the downstream failed.
+
+        A pooled session that turns out dead on its first use is replaced by a fresh one
+        (nothing was committed on it), so pooling never costs mail.
+        """
+        try:
+            return await self._call(call)
+        except DownstreamError as exc:
+            await self._downstream_failed(exc)
+            return None
+
+    async def _call(self, call: Callable[[Downstream], Awaitable[T]]) -> T:
+        assert self.downstream is not None
+        if not self._untested:
+            return await call(self.downstream)
+        self._untested = False
+        try:
+            return await call(self.downstream)
+        except DownstreamError as exc:
+            log.debug("client=%s pooled downstream session unusable (%s); reconnecting",
+                      self.peer, exc)  # fmt: skip
+        pool = self.worker.pool
+        pool.give_back(self.downstream, False)
+        self.downstream = None
+        self.downstream, greeting = await pool.open()
+        if greeting.code != 220:
+            raise DownstreamError(f"downstream refused a new session: {greeting}", "refused")
+        if self.helo is not None:
+            name = self.helo.encode("utf-8", "surrogateescape")
+            hello = self.downstream.ehlo if self._extended else self.downstream.helo
+            reply = await hello(name)
+            if reply.code != 250:
+                raise DownstreamError(f"downstream refused {self.helo!r}: {reply}", "refused")
+        return await call(self.downstream)
+
+    def reset_transaction(self) -> None:
+        """A new transaction; XFORWARD attributes end with the old one, as in Postfix's smtpd
+        (its client sends them again before each MAIL)."""
+        self.tx = self.logic.begin(self.peer, self.helo)
+
+    # -- commands ------------------------------------------------------------------------------
+
+    async def _unknown_verb(self, verb: str, arg: str | None) -> None:
+        await self.push("500 5.5.2 Error: command not recognized")
+
+    async def _not_implemented(self, arg: str | None) -> None:
+        await self.push("502 5.5.1 Error: command not implemented")
+
+    smtp_BDAT = smtp_ETRN = smtp_TURN = _not_implemented
+
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        name = _octets(arg)
+        if not name or _has_control(name):
+            await self.push("501 5.5.4 Syntax: EHLO hostname")
+            return
+        reply = await self._relay(lambda downstream: downstream.ehlo(name))
+        if reply is None:
+            return
+        if reply.code != 250:
+            await self.send_reply(reply)
+            return
+        assert self.downstream is not None and self.session is not None and arg
+        self._hello(arg, extended=True)
+        lines = [self.settings.hostname, "PIPELINING"]
+        size_limit = self._size_limit()
+        lines.append(f"SIZE {size_limit}" if size_limit else "SIZE")
+        for ext in RELAYED_EXTENSIONS:
+            if self.downstream.supports(ext):
+                lines.append(f"{ext} {self.downstream.extensions[ext]}".rstrip())
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        if self._auth_offered and (not self._auth_require_tls or self._tls_protocol):
+            lines.append("AUTH " + " ".join(sorted(self._auth_methods)))
+        await self.send_reply(Reply(250, tuple(lines)))
+
+    def _hello(self, arg: str, extended: bool) -> None:
+        assert self.session is not None
+        self.session.host_name = arg
+        self.session.extended_smtp = extended
+        self._extended = extended
+        self.helo = _octets(arg).decode("utf-8", "replace")
+        self.reset_transaction()
+
+    def _size_limit(self) -> int:
+        """Offer the smaller of our limit and the downstream's SIZE (0 means no limit)."""
+        assert self.downstream is not None
+        ours = self.settings.max_message_size
+        theirs_text = self.downstream.extensions.get("SIZE", "")
+        theirs = int(theirs_text) if theirs_text.isdigit() else 0
+        limits = [value for value in (ours, theirs) if value > 0]
+        return min(limits) if limits else 0
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        name = _octets(arg)
+        if not name or _has_control(name):
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        reply = await self._relay(lambda downstream: downstream.helo(name))
+        if reply is None:
+            return
+        if reply.code == 250 and arg:
+            self._hello(arg, extended=False)
+        await self.send_reply(reply)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_auth_needed("MAIL"):
+            return
+        if self.tx.mail_from is not None:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        match = _MAIL_FROM.match(arg or "")
+        line = b"MAIL " + _octets(arg)
+        if match is None or _has_control(line):
+            await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        if match.group(2).strip() and not self._extended:
+            await self.push("501 5.5.4 Error: MAIL parameters need EHLO")
+            return
+        reply = await self._relay(lambda downstream: downstream.command(line))
+        if reply is None:
+            return
+        if reply.code == 250:
+            self.tx.mail_from = _address(match.group(1))
+            self.tx.mail_line = line
+            self.tx.helo = self.helo
+        await self.send_reply(reply)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_auth_needed("RCPT"):
+            return
+        if self.tx.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        match = _RCPT_TO.match(arg or "")
+        line = b"RCPT " + _octets(arg)
+        if match is None or _has_control(line):
+            await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        reply = await self._relay(lambda downstream: downstream.command(line))
+        if reply is None:
+            return
+        if reply.code in (250, 251):
+            self.tx.rcpt_to.append(_address(match.group(1)))
+        await self.send_reply(reply)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        self.reset_transaction()
+        reply = await self._relay(lambda downstream: downstream.command(b"RSET"))
+        if reply is not None:
+            await self.send_reply(reply)
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.send(b"250 2.0.0 Ok\r\n")
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        # The downstream session goes back to the pool when _handle_client ends.
+        await self.send(b"221 2.0.0 Bye\r\n")
+
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        """XFORWARD (Postfix XFORWARD_README): passed on verbatim when the downstream offers
+        it; the attributes are kept for the verifier and the log line."""
+        assert self.downstream is not None
+        if not self.downstream.supports("XFORWARD"):
+            await self.push("502 5.5.1 Error: XFORWARD not supported")
+            return
+        octets = _octets(arg)
+        if not octets or _has_control(octets):
+            await self.push("501 5.5.4 Syntax: XFORWARD attribute=value...")
+            return
+        reply = await self._relay(lambda downstream: downstream.command(b"XFORWARD " + octets))
+        if reply is None:
+            return
+        if reply.code == 250:
+            for item in octets.decode("utf-8", "replace").split():
+                key, _, value = item.partition("=")
+                self.tx.xforward[key.upper()] = value
+        await self.send_reply(reply)
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await self.send(b"502 5.5.1 VRFY command is disabled\r\n")
+
+    smtp_EXPN = smtp_VRFY
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.send(b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT\r\n")
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        if not self.tls_context:
+            await self._not_implemented(arg)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        if not self._auth_offered:
+            await self._not_implemented(arg)
+            return
+        await super().smtp_AUTH(arg)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if self.tx.mail_from is None:
+            await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.tx.rcpt_to:
+            await self.push("554 5.5.1 Error: no valid recipients")
+            return
+        await self.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        started = time.monotonic()
+        spool: Spool | None = Spool()
+        try:
+            if not await self._receive(spool, self.settings.max_message_size):
+                spool.close()
+                spool = None
+        except ClientGone:
+            spool.close()
+            self._hang_up()
+            return
+        except BaseException:
+            spool.close()  # the client went away mid-DATA
+            raise
+        tx = self.tx
+        assert self.downstream is not None
+        try:
+            reply = await self.logic.deliver(self.downstream, tx, spool, started)
+        except DownstreamError as exc:
+            await self._downstream_failed(exc)
+            return
+        finally:
+            if spool is not None:
+                spool.close()
+        self.reset_transaction()
+        await self.send_reply(reply)
+
+    def _hang_up(self) -> None:
+        """End the session now, as aiosmtpd's own QUIT does."""
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+
+    async def _fill(self) -> bytes:
+        """What has arrived from the client (waiting for it if nothing has)."""
+        self._flush()
+        chunk = await self._reader.read(_READ_ALL)
+        if not chunk:
+            raise ClientGone("connection closed in DATA")
+        self._reset_timeout()
+        return chunk
+
+    async def _receive(self, spool: Spool, max_size: int) -> bool:
+        """The message up to CRLF.CRLF into `spool`, a line-aligned piece at a time through
+        `data_piece`; False when it exceeded max_size (the rest is read and dropped).
+
+        Only CRLF.CRLF ends the data: a dot line after a bare LF is content (treating it as
+        the end is what SMTP smuggling exploits). Whatever the client pipelined after the
+        terminating dot goes back into the stream for the command loop.
+        """
+        buf = bytearray()
+        kept = True
+        after_crlf = True  # buf begins right after a CRLF (or at the start of DATA)
+        line_start = True  # ... or after a bare LF, which also starts a line
+        while True:
+            while len(buf) < 3:
+                buf += await self._fill()
+            if after_crlf and buf.startswith(b".\r\n"):
+                del buf[:3]
+                break
+            end = buf.find(b"\r\n.\r\n")
+            if end >= 0:
+                cut, consumed = end + 2, end + 5
+            else:
+                # Take whole lines only: a piece must end at a line end for unstuffing.
+                last = buf.rfind(b"\r\n")
+                if last < 0:
+                    if len(buf) < _SCAN_CHUNK:
+                        buf += await self._fill()
+                        continue
+                    # One very long line: split it anywhere but between CR and LF.
+                    cut = len(buf) - (2 if buf.endswith(b"\r") else 1)
+                    consumed = cut
+                else:
+                    cut = consumed = last + 2
+            if kept:
+                spool.write(data_piece(bytes(buf[:cut]), line_start))
+                if max_size and len(spool) > max_size:
+                    spool.close()  # keep reading to the end, keep nothing
+                    kept = False
+            after_crlf = buf[cut - 2 : cut] == b"\r\n"
+            line_start = buf[cut - 1 : cut] == b"\n"
+            del buf[:consumed]
+            if end >= 0:
+                break
+            if not buf:
+                buf += await self._fill()
+        if buf and not self._reader.at_eof():
+            # Pipelined commands after the dot: nothing was awaited since the last read
+            # took the whole stream buffer, so they go back in order.
+            self._reader.feed_data(bytes(buf))
+        return kept
+
+
+class _SameLimit(dict[str, int]):
+    """aiosmtpd's per-verb command length limits, one value for every verb."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __missing__(self, verb: str) -> int:
+        return self.limit

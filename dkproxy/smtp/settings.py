@@ -1,0 +1,48 @@
+"""Settings of one upstream session: the listener's limits and the downstream to relay to."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dkproxy.smtp.downstream import DownstreamSettings
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything a listener session needs to know; one instance per worker.
+
+    Sizes are in bytes, times in seconds. `listener_options` go to `aiosmtpd.smtp.SMTP`
+    unchanged (`tls_context`, `require_starttls`, `authenticator`, `auth_required`,
+    `auth_require_tls`, `auth_exclude_mechanism`, `proxy_protocol_timeout`);
+    `downstream_options` go to `aiosmtplib.SMTP` (see `DownstreamSettings`).
+    """
+
+    hostname: str
+    relay_host: str
+    relay_port: int
+    relay_timeout: float = 300.0
+    command_timeout: float = 300.0
+    #: 0: no limit of our own (the downstream's SIZE still applies).
+    max_message_size: int = 64 << 20
+    ident: str = "dkproxy"
+    #: Log every command and reply (DKIMproxy's debugtrace); message bodies are not logged.
+    debugtrace: bool = False
+    #: Longest command line accepted, without CRLF (Postfix: line_length_limit 2048).
+    max_command_line: int = 4096
+    #: Protocol errors (5xx answers of our own) before the session ends with 421.
+    max_errors: int = 20
+    #: Commands served from already-received input before yielding to other sessions.
+    fairness_batch: int = 16
+    listener_options: Mapping[str, Any] = field(default_factory=dict)
+    downstream_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def downstream(self) -> DownstreamSettings:
+        return DownstreamSettings(
+            host=self.relay_host,
+            port=self.relay_port,
+            timeout=self.relay_timeout,
+            local_hostname=self.hostname,
+            client_options=self.downstream_options,
+        )
