@@ -43,6 +43,9 @@ class SessionSettings:
             host=self.relay_host,
             port=self.relay_port,
             timeout=self.relay_timeout,
+            # A downstream that accepts the connection and never greets must give 4xx within
+            # the configured relay_timeout too, not only after the 30 s connect allowance.
+            connect_timeout=min(DownstreamSettings.connect_timeout, self.relay_timeout),
             local_hostname=self.hostname,
             client_options=self.downstream_options,
         )
