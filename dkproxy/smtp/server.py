@@ -86,6 +86,10 @@ class ProxyServer:
         if self.max_connections and self.connections >= self.max_connections:
             assert self._stopping is not None
             self._stopping.set()  # retire after this session; the supervisor starts a new one
+        if len(self.sessions) > self.settings.max_sessions:
+            log.warning("client=%s refused: %d sessions in this worker (max_sessions)",
+                        listener.peer, len(self.sessions) - 1)  # fmt: skip
+            return "421 4.7.0 Error: too many sessions, try again later"
         if self.access.active and not self.access.permits(listener.peer):
             # Net::Server's allow/deny: a refused client gets 554 and the connection is closed.
             log.warning("client=%s refused by the access list", listener.peer)

@@ -35,6 +35,15 @@ class SessionSettings:
     max_errors: int = 20
     #: Commands served from already-received input before yielding to other sessions.
     fairness_batch: int = 16
+    #: Limits (README "Security notes"); see dkproxy.config for the defaults' reasons.
+    max_recipients: int = 1000
+    max_messages_per_session: int = 1000
+    #: Concurrent sessions per worker; the next one gets 421 at once.
+    max_sessions: int = 500
+    max_header_size: int = 1 << 20
+    max_header_fields: int = 1000
+    #: Seconds without a byte while a message is being received.
+    data_timeout: float = 300.0
     listener_options: Mapping[str, Any] = field(default_factory=dict)
     downstream_options: Mapping[str, Any] = field(default_factory=dict)
 
