@@ -497,3 +497,108 @@ def test_random_garbage_never_stops_the_server(keyfile: str, capture: CaptureSer
         assert "Traceback" not in proxy.log
     assert capture.messages[-1].data is not None
     assert capture.messages[-1].data.endswith(MESSAGE)
+
+
+#: Arguments with octets that are not UTF-8, or UTF-8 without SMTPUTF8 being asked for.
+CARRIED = [
+    b"EHLO h\xe9llo.example",
+    b"HELO h\xe9llo.example",
+    b"EHLO \xff\xfe.example",
+    b"MAIL FROM:<a@example.org> ENVID=caf\xe9+2B",
+    b"MAIL FROM:<j\xc3\xb6rg@example.org> SMTPUTF8",
+    b"RCPT TO:<b@example.net> ORCPT=rfc822;b\xe9@example.net",
+    b"XFORWARD NAME=h\xe9llo.example HELO=\xc3\xa9t\xc3\xa9",
+]
+#: Control octets, which no SMTP argument may hold (they would inject commands downstream).
+REFUSED = [
+    b"EHLO bad\x01name",
+    b"HELO bad\x7fname",
+    b"MAIL FROM:<a@example.org> ENVID=x\x00y",
+    b"RCPT TO:<b@example.net>\tNOTIFY=NEVER",
+    b"XFORWARD NAME=a\x1bb",
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "carried"), [(c, True) for c in CARRIED] + [(c, False) for c in REFUSED]
+)
+def test_any_octet_in_an_argument_is_carried_as_sent_or_refused_with_501(
+    keyfile: str, capture: CaptureServer, command: bytes, carried: bool
+) -> None:
+    """issue 13: an argument octet the client sends reaches the downstream exactly, or the
+    command gets 501; never a traceback or a 421, and the session goes on."""
+    verb = command.split(b" ", 1)[0]
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        if verb != b"EHLO" and verb != b"HELO":
+            assert client.command("EHLO client.test")[0] == 250
+        if verb == b"RCPT":
+            assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+        code, _ = client.command(command)
+        if carried:
+            assert code == 250
+            received = [line.encode("utf-8", "surrogateescape") for line in capture.commands]
+            assert command in received
+        else:
+            assert code == 501
+        # The session is intact: a message still goes through it.
+        client.command("RSET")
+        if verb == b"HELO":
+            client.command("EHLO client.test")
+        assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+        assert client.command("RCPT TO:<b@example.net>")[0] == 250
+        assert client.command("DATA")[0] == 354
+        client.send(MESSAGE + b".\r\n")
+        assert client.reply()[0] == 250
+        assert client.command("QUIT")[0] == 221
+        assert "Traceback" not in proxy.log
+    assert capture.messages[-1].data is not None
+    assert capture.messages[-1].data.endswith(MESSAGE)
+
+
+@pytest.mark.parametrize("command", [b"NOOP", b"VRFY someone", b"HELP", b"NOOP " + b"x" * 200])
+def test_a_client_pipelining_thousands_of_commands_does_not_starve_others(
+    keyfile: str, capture: CaptureServer, command: bytes
+) -> None:
+    """issue 13: one worker, one client pipelining 150,000 commands without reading a reply;
+    another client's commands on the same worker are still answered at once (the old engine
+    kept them waiting for 0.5-1.3 s in all), long before the flood has been served."""
+    import threading
+
+    flood = (command + b"\r\n") * 150_000 + b"QUIT\r\n"
+    finished: list[float] = []
+    with ProxyProcess("out", signing_args(keyfile, "--workers=1"), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port, timeout=120) as flooder, \
+            RawClient(proxy.host, proxy.port) as probe:  # fmt: skip
+        flooder.reply()
+        probe.reply()
+        probe.command("EHLO probe.test")
+
+        def drain_flooder() -> None:
+            while True:
+                try:
+                    code, _ = flooder.reply()
+                except (ConnectionError, TimeoutError):
+                    break
+                if code == 221:
+                    break
+            finished.append(time.monotonic())
+
+        sender = threading.Thread(target=flooder.send, args=(flood,))
+        sender.start()
+        time.sleep(0.05)
+        latencies = []
+        for _ in range(20):
+            started = time.monotonic()
+            assert probe.command("NOOP")[0] == 250
+            latencies.append(time.monotonic() - started)
+        probes_done = time.monotonic()
+        reader = threading.Thread(target=drain_flooder)
+        reader.start()
+        sender.join(60)
+        reader.join(60)
+        assert finished, "the flooding client was not served to its QUIT"
+        assert "Traceback" not in proxy.log
+    assert sum(latencies) < 0.3, latencies
+    assert probes_done < finished[0]
