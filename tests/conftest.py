@@ -25,7 +25,7 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-settings.register_profile("fuzz", parent=settings.get_profile("default"), max_examples=20_000)
+settings.register_profile("fuzz", parent=settings.get_profile("default"), max_examples=5000)
 settings.load_profile("default")
 
 
