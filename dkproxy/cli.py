@@ -73,6 +73,7 @@ def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
         max_header_fields=cfg.max_header_fields,
         command_timeout=cfg.command_timeout,
         data_timeout=cfg.data_timeout,
+        xforward_hosts=tuple(cfg.xforward_hosts),
     )
     try:
         sock = server.bind(cfg.listen.host, cfg.listen.port)

@@ -434,6 +434,9 @@ class _CommonConfig(BaseModel):
     deny: list[str] = Field(default_factory=list)
     cidr_allow: list[str] = Field(default_factory=list)
     cidr_deny: list[str] = Field(default_factory=list)
+    #: Clients whose XFORWARD (the original client's address and name) is believed and
+    #: relayed: by default only the MTA on this host; others get 550 and are not offered it.
+    xforward_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
 
     log_level: str = "info"
     syslog: bool = False
@@ -453,7 +456,7 @@ class _CommonConfig(BaseModel):
     def _check_level(cls, value: str) -> str:
         return parse_log_level(value)
 
-    @field_validator("cidr_allow", "cidr_deny")
+    @field_validator("cidr_allow", "cidr_deny", "xforward_hosts")
     @classmethod
     def _check_cidrs(cls, values: list[str]) -> list[str]:
         for value in values:
@@ -987,6 +990,12 @@ _OPTIONS: tuple[_Opt, ...] = (
     ),
     _Opt("cidr_allow", "list", help="client network to allow, repeatable", metavar="CIDR"),
     _Opt("cidr_deny", "list", help="client network to deny, repeatable", metavar="CIDR"),
+    _Opt(
+        "xforward_hosts",
+        "list",
+        help="client network whose XFORWARD is accepted, repeatable (default loopback)",
+        metavar="CIDR",
+    ),
     # logging
     _Opt(
         "log_level",
@@ -1380,6 +1389,7 @@ class _TomlDaemon(BaseModel):
     deny: list[str] | None = None
     cidr_allow: list[str] | None = None
     cidr_deny: list[str] | None = None
+    xforward_hosts: list[str] | None = None
 
 
 class _TomlLog(BaseModel):
@@ -1593,6 +1603,7 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
         "deny",
         "cidr_allow",
         "cidr_deny",
+        "xforward_hosts",
         "chroot",
     ):
         put(name, getattr(daemon, name), f"daemon.{name}")
@@ -1979,7 +1990,7 @@ def help_text(mode: Mode) -> str:
         (
             "daemon",
             "daemonize user group pidfile chroot min_servers max_servers min_spare_servers "
-            "max_spare_servers max_requests cidr_allow cidr_deny",
+            "max_spare_servers max_requests cidr_allow cidr_deny xforward_hosts",
         ),
         ("logging", "log_level syslog syslog_facility log_file debugtrace"),
     )

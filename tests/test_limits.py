@@ -331,3 +331,28 @@ def test_limits_in_both_configuration_formats(tmp_path: Path, keyfile: str) -> N
         conf.write_text(f"keyfile {keyfile}\nselector s\ndomain example.org\n{bad}\n")
         with pytest.raises(config.ConfigError, match=bad.split()[0]):
             config.parse_proxy_command("out", [f"--conf_file={conf}"])
+
+
+# -- trust: XFORWARD ----------------------------------------------------------------------------
+
+
+def test_xforward_only_from_xforward_hosts(keyfile: str, capture: CaptureServer) -> None:
+    """XFORWARD says who the real client was (SPF, the log line): only the configured MTA
+    may send it. By default that is loopback; here our 127.0.0.1 client is not in the list."""
+    xforward = "XFORWARD NAME=forged.example ADDR=192.0.2.66"
+    with start(keyfile, capture.address) as proxy, session(proxy) as client:
+        assert client.command(xforward)[0] == 250  # default: loopback is the MTA
+    proxy = start(keyfile, capture.address, "--xforward_hosts=192.0.2.0/24",
+                  "--xforward_hosts=2001:db8::/32")  # fmt: skip
+    with proxy, session(proxy) as client:
+        ehlo = client.command("EHLO again.example")[1]
+        assert "XFORWARD" not in ehlo
+        assert client.command(xforward)[0] == 550
+        assert send(client, HEAD + b"\r\nhi\r\n")[0] == 250
+    assert capture.commands.count(xforward) == 1
+    assert capture.messages[-1].xforward == []
+    base = [f"--keyfile={keyfile}", "--selector=s", "--domain=example.org"]
+    cfg = config.parse_proxy_command("out", [*base, "--xforward_hosts=10.0.0.0/8"])
+    assert cfg.xforward_hosts == ["10.0.0.0/8"]
+    with pytest.raises(config.ConfigError, match="xforward_hosts"):
+        config.parse_proxy_command("out", [*base, "--xforward_hosts=bogus"])

@@ -385,6 +385,8 @@ class Listener(SMTP):
         size_limit = self._size_limit()
         lines.append(f"SIZE {size_limit}" if size_limit else "SIZE")
         for ext in RELAYED_EXTENSIONS:
+            if ext == "XFORWARD" and not self._xforward_permitted():
+                continue  # as Postfix: offered only to smtpd_authorized_xforward_hosts
             if self.downstream.supports(ext):
                 lines.append(f"{ext} {self.downstream.extensions[ext]}".rstrip())
         if self.tls_context and not self._tls_protocol:
@@ -495,6 +497,12 @@ class Listener(SMTP):
         """XFORWARD (Postfix XFORWARD_README): passed on verbatim when the downstream offers
         it; the attributes are kept for the verifier and the log line."""
         assert self.downstream is not None
+        if not self._xforward_permitted():
+            # XFORWARD overrides the client address SPF and the log line use: only the MTA
+            # in front of us may say who its client was.
+            log.warning("client=%s XFORWARD refused: not in xforward_hosts", self.peer)
+            await self.push("550 5.7.0 Error: insufficient authorization")
+            return
         if not self.downstream.supports("XFORWARD"):
             await self.push("502 5.5.1 Error: XFORWARD not supported")
             return
@@ -510,6 +518,11 @@ class Listener(SMTP):
                 key, _, value = item.partition("=")
                 self.tx.xforward[key.upper()] = value
         await self.send_reply(reply)
+
+    def _xforward_permitted(self) -> bool:
+        return bool(self.settings.xforward_hosts) and self.settings.xforward_access.permits(
+            self.peer
+        )
 
     async def smtp_VRFY(self, arg: str | None) -> None:
         await self.send(b"502 5.5.1 VRFY command is disabled\r\n")

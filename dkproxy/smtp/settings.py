@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dkproxy.daemon import AccessList
 from dkproxy.smtp.downstream import DownstreamSettings
 
 
@@ -44,8 +46,15 @@ class SessionSettings:
     max_header_fields: int = 1000
     #: Seconds without a byte while a message is being received.
     data_timeout: float = 300.0
+    #: Networks (CIDR) whose clients may send XFORWARD; empty: nobody.
+    xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     listener_options: Mapping[str, Any] = field(default_factory=dict)
     downstream_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def xforward_access(self) -> AccessList:
+        """Who may send XFORWARD, as an access list (built once per worker)."""
+        return AccessList.build(cidr_allow=self.xforward_hosts)
 
     def downstream(self) -> DownstreamSettings:
         return DownstreamSettings(
