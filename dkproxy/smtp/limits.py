@@ -8,10 +8,18 @@ that refuses it, with the reason for the log line.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dkproxy.message import Buffer
+from dkproxy.smtp.spool import Spool
+
+if TYPE_CHECKING:
+    from dkproxy.smtp.settings import SessionSettings
+
+log = logging.getLogger("dkproxy.session")
 
 #: SIZE=<n> among the MAIL parameters (RFC 1870 section 3); the value is digits only.
 _SIZE_PARAMETER = re.compile(r"(?:^|\s)SIZE=(\d{1,20})(?=\s|$)", re.IGNORECASE)
@@ -74,3 +82,23 @@ def check_header(message: Buffer, max_size: int, max_fields: int) -> Refusal | N
             f"{fields} header fields exceed {max_fields}",
         )
     return None
+
+
+def check_received(
+    spool: Spool | None, spool_error: OSError | None, settings: SessionSettings
+) -> Refusal | None:
+    """What refuses a message just received: a spool that could not keep it (disk full),
+    or a header block over the limits. `spool` None: over max_message_size, which the
+    proxy answers itself (552)."""
+    if spool_error is not None:
+        # Like Postfix's queue file write errors: temporary, the client retries later.
+        log.warning("cannot spool a message: %s", spool_error)
+        return Refusal(
+            "452 4.3.1 Error: insufficient system storage", f"spool write failed: {spool_error}"
+        )
+    if spool is None:
+        return None
+    try:
+        return check_header(spool.buffer(), settings.max_header_size, settings.max_header_fields)
+    finally:
+        spool.release()

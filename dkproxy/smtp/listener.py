@@ -40,7 +40,7 @@ from dkproxy.smtp.downstream import (
     DownstreamPool,
     Reply,
 )
-from dkproxy.smtp.limits import Refusal, check_declared_size, check_header
+from dkproxy.smtp.limits import Refusal, check_declared_size, check_received
 from dkproxy.smtp.spool import Spool
 
 if TYPE_CHECKING:
@@ -579,7 +579,7 @@ class Listener(SMTP):
         tx = self.tx
         assert self.downstream is not None
         try:
-            refusal = self._refusal(spool)
+            refusal = check_received(spool, self._spool_error, self.settings)
             if refusal is not None:
                 log.info("client=%s from=<%s> rejected: %s", self.peer, tx.mail_from,
                          refusal.reason)  # fmt: skip
@@ -594,21 +594,6 @@ class Listener(SMTP):
                 spool.close()
         self.reset_transaction()
         await self.send_reply(reply)
-
-    def _refusal(self, spool: Spool | None) -> Refusal | None:
-        """A limit the received message breaks, or a spool that could not keep it."""
-        if self._spool_error is not None:
-            # Like Postfix's queue file write errors: temporary, the client retries later.
-            log.warning("client=%s cannot spool the message: %s", self.peer, self._spool_error)
-            return Refusal("452 4.3.1 Error: insufficient system storage",
-                           f"spool write failed: {self._spool_error}")  # fmt: skip
-        if spool is None:
-            return None  # over max_message_size: deliver() answers 552
-        try:
-            return check_header(spool.buffer(), self.settings.max_header_size,
-                                self.settings.max_header_fields)  # fmt: skip
-        finally:
-            spool.release()
 
     def _hang_up(self) -> None:
         """End the session now, as aiosmtpd's own QUIT does."""
