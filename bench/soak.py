@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -354,12 +355,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             result, acknowledged = asyncio.run(soak(args, proxy.port, sink, rss))
         result.workers = sorted(rss.workers.values(), key=lambda w: w.pid)
         result.worker_restarts = len(rss.seen - rss.initial)
+        proxy.stop()
         time.sleep(1.0)  # let smtp-sink close the last dump files
         delivered = delivered_ids(sink)
+        return report(args, result, acknowledged, delivered, proxy.log, work)
     finally:
         proxy.stop()
-        full_log = proxy.log
-        sink.stop()
+        sink.stop()  # removing 100,000 dump files takes a while
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(
+    args: argparse.Namespace,
+    result: SoakResult,
+    acknowledged: set[str],
+    delivered: Counter[str],
+    log: str,
+    work: Path,
+) -> int:
+    """Print (and write as JSON) the figures; 0 when the run kept every promise."""
     result.acknowledged = len(acknowledged)
     result.delivered = len(delivered)
     result.delivered_twice = sum(1 for count in delivered.values() if count > 1)
@@ -371,15 +385,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     leftovers = [p.name for p in work.iterdir() if p.suffix == ".msg"]
     if leftovers:
         print(f"spool files left in {work}: {leftovers[:5]}")
-    if "Traceback" in full_log:
-        print("dkproxy logged a traceback:\n" + full_log[-3000:])
+    if "Traceback" in log:
+        print("dkproxy logged a traceback:\n" + log[-3000:])
     ok = (
         result.lost == 0
         and result.refused == 0
         and result.unacknowledged == 0
         and not leftovers
+        and "Traceback" not in log
         and all(w.growth <= limit for w in result.workers)
     )
+    print("OK" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 
 
