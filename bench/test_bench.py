@@ -231,3 +231,24 @@ def test_targets_pass_and_fail_on_the_issue_thresholds() -> None:
     table = markdown(_run_with(700, 25, 30, 250))
     assert "| 3 KB | 8 | - | - | 700 | - |" in table
     assert "| NO |" in table
+
+
+def test_ab_counts_the_cpu_of_a_process_tree_and_refuses_unknown_scenarios() -> None:
+    import os
+
+    from ab import cpu_seconds
+    from ab import main as ab_main
+
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        before = cpu_seconds(os.getpid())
+        deadline = time.monotonic() + 20  # the machine may be busy: wait for the child's share
+        while (spent := cpu_seconds(os.getpid()) - before) < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # this process sleeps: what is counted is the busy child's time
+    finally:
+        child.kill()
+        child.wait()
+    assert spent >= 0.2
+    with pytest.raises(SystemExit) as exc:
+        ab_main(["--baseline", "HEAD", "--scenarios", "signed,nonsense"])
+    assert exc.value.code == 2

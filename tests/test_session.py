@@ -602,3 +602,29 @@ def test_a_client_pipelining_thousands_of_commands_does_not_starve_others(
         assert "Traceback" not in proxy.log
     assert sum(latencies) < 0.3, latencies
     assert probes_done < finished[0]
+
+
+def test_commands_are_logged_only_with_debugtrace(keyfile: str, capture: CaptureServer) -> None:
+    """aiosmtpd logs every command line at INFO ("mail.log"): in production that logger stays
+    at WARNING (addresses in logs, cost per command); debugtrace shows commands and replies."""
+    for extra, shown in (((), False), (("--debugtrace",), True)):
+        with ProxyProcess("out", signing_args(keyfile, *extra), capture.address) as proxy:
+            with proxy.smtp() as client:
+                client.sendmail("alice@example.org", ["traced@example.net"], MESSAGE)
+            time.sleep(0.2)
+            log = proxy.log
+        assert ("TO:<traced@example.net>" in log) is shown, log
+        assert ("2.0.0 Bye" in log) is shown
+        assert "from=<alice@example.org>" in log  # the message's own log line, always
+
+
+def test_nothing_pipelined_after_quit_is_served(keyfile: str, capture: CaptureServer) -> None:
+    with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
+            RawClient(proxy.host, proxy.port) as client:  # fmt: skip
+        client.reply()
+        client.command("EHLO c.test")
+        client.send(b"QUIT\r\nMAIL FROM:<after-quit@example.org>\r\nNOOP\r\n")
+        assert client.reply()[0] == 221
+        assert client.closed_by_peer()
+    time.sleep(0.3)
+    assert not [line for line in capture.commands if "after-quit" in line]

@@ -239,12 +239,23 @@ class Downstream:
             # The final reply may arrive while pieces are still being written (a server
             # that gives up early): keep the protocol expecting it.
             protocol._response_pending = True
+            batch: list[bytes] = []
+            batched = 0
             for piece in dot_stuffed(parts):
-                protocol.write(piece)
+                # Small pieces (our header fields, a small message, the final dot) go out
+                # in one write: every write is a system call.
+                batch.append(piece)
+                batched += len(piece)
+                if batched < WRITE_CHUNK:
+                    continue
+                protocol.write(b"".join(batch) if len(batch) > 1 else batch[0])
+                batch, batched = [], 0
                 transport = protocol.transport
                 if transport is not None and transport.get_write_buffer_size() > WRITE_CHUNK:
                     async with asyncio.timeout(timeout):
                         await protocol._drain_helper()
+            if batch:
+                protocol.write(b"".join(batch))
             response = await protocol.read_response(timeout=timeout)
         except aiosmtplib.SMTPResponseException as exc:
             self.discard()
@@ -371,6 +382,7 @@ class DownstreamPool:
 
     def give_back(self, client: Downstream, reusable: bool) -> None:
         """End the use of a session: keep it idle if `reusable` and wanted, else QUIT it."""
+        self._note_use()  # it was in use until now
         self.in_use -= 1
         now = self._now()
         wanted = min(self.size, self._peak if now - self._peak_since <= self.max_idle else 0)
