@@ -178,7 +178,7 @@ def test_downstream_closing_mid_data_gives_4xx(keyfile: str, after: int) -> None
         assert ended == "end of data" and 400 <= code < 500, (ended, code, text)
         # the next message gets a fresh downstream session and is refused the same way
         assert 400 <= attempt(proxy.port, LARGE)[1] < 500
-        assert open_spool_files(proxy) == []
+        assert wait_until(lambda: open_spool_files(proxy) == []), open_spool_files(proxy)
     assert all(tx.data_reply is None for tx in down.transactions)
 
 
