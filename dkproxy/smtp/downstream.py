@@ -196,7 +196,10 @@ class Downstream:
         DownstreamError when the server times out, closes or sends a malformed reply.
         """
         try:
-            response = await self.client.execute_command(line)
+            # asyncio.timeout rather than the client's own timeout (asyncio.wait_for, which
+            # costs a future and a callback more per reply); a timeout discards the session.
+            async with asyncio.timeout(self.settings.timeout):
+                response = await self.client.execute_command(line, timeout=None)
         except aiosmtplib.SMTPResponseException as exc:
             self.discard()  # the reply could not be parsed: the session is out of step
             raise DownstreamError(f"malformed reply from downstream: {exc.message}") from exc

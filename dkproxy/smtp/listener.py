@@ -17,8 +17,10 @@ Non-public aiosmtpd interfaces relied on (aiosmtpd 1.4.6, pinned <1.5 in pyproje
 after the session), `SMTP._smtp_methods` (its verb table, given a fallback for unknown
 verbs), `SMTP._reader` / `SMTP._writer` and the reader's `_buffer` (to know whether pipelined
 commands are waiting), `SMTP._reset_timeout()` (the idle timer, re-armed while DATA flows),
-`SMTP._handler_coroutine` (cancelled to end a session whose client left mid-DATA, as
-aiosmtpd's QUIT does).
+`SMTP._handler_coroutine` (cancelled to end a session, as aiosmtpd's QUIT does),
+`SMTP._tls_protocol`, `SMTP._auth_require_tls` and `SMTP._auth_methods` (EHLO offers
+STARTTLS and AUTH as the stock EHLO does), and that `SMTP.__init__` finds commands and AUTH
+mechanisms through `dir(self)` (`Listener.__dir__` narrows that scan).
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ class Listener(SMTP):
             enable_SMTPUTF8=True,
             decode_data=False,
             timeout=settings.command_timeout,
+            loop=asyncio.get_running_loop(),  # (aiosmtpd's own look-up costs more)
             **options,
         )
         self._verbs = _Verbs(self._smtp_methods)
@@ -198,7 +201,12 @@ class Listener(SMTP):
         auth_* mechanisms): scanning all of them cost 0.4 ms per connection."""
         names = _SCANNED_NAMES.get(type(self))
         if names is None:
-            names = [n for n in super().__dir__() if n.startswith(("smtp_", "auth_"))]
+            # aiosmtpd's own smtp_* methods that a subclass method here replaces or that the
+            # verb fallback answers (VRFY, EXPN, HELP) are left out.
+            stock = {"smtp_VRFY", "smtp_EXPN", "smtp_HELP"}
+            names = [
+                n for n in super().__dir__() if n.startswith(("smtp_", "auth_")) and n not in stock
+            ]
             _SCANNED_NAMES[type(self)] = names
         return list(names)
 
@@ -327,11 +335,17 @@ class Listener(SMTP):
         if closing:
             self._hang_up()  # nothing the client pipelined after QUIT or a 421 is served
             return
-        try:
-            await self._writer.drain()
-        except ConnectionError:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             log.debug("client=%s gone", self.peer)
             self._hang_up()
+        elif transport.get_write_buffer_size() > _SCAN_CHUNK:  # type: ignore[attr-defined]
+            # A client that does not read its replies is waited for, not buffered for.
+            try:
+                await self._writer.drain()
+            except ConnectionError:
+                log.debug("client=%s gone", self.peer)
+                self._hang_up()
 
     async def send_reply(self, reply: Reply) -> None:
         """A downstream reply, passed upstream line by line as it came."""
@@ -385,12 +399,19 @@ class Listener(SMTP):
     # -- commands ------------------------------------------------------------------------------
 
     async def _unknown_verb(self, verb: str, arg: str | None) -> None:
-        await self.push("500 5.5.2 Error: command not recognized")
+        """Verbs without an smtp_* method: rare ones are answered here rather than as
+        methods, since aiosmtpd binds every smtp_* method anew for each connection."""
+        if verb in ("VRFY", "EXPN"):
+            await self.send(b"502 5.5.1 VRFY command is disabled\r\n")
+        elif verb == "HELP":
+            await self.send(b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT\r\n")
+        elif verb in ("BDAT", "ETRN", "TURN"):
+            await self._not_implemented(arg)
+        else:
+            await self.push("500 5.5.2 Error: command not recognized")
 
     async def _not_implemented(self, arg: str | None) -> None:
         await self.push("502 5.5.1 Error: command not implemented")
-
-    smtp_BDAT = smtp_ETRN = smtp_TURN = _not_implemented
 
     async def smtp_EHLO(self, arg: str | None) -> None:
         name = _octets(arg)
@@ -547,14 +568,6 @@ class Listener(SMTP):
         return bool(self.settings.xforward_hosts) and self.settings.xforward_access.permits(
             self.peer
         )
-
-    async def smtp_VRFY(self, arg: str | None) -> None:
-        await self.send(b"502 5.5.1 VRFY command is disabled\r\n")
-
-    smtp_EXPN = smtp_VRFY
-
-    async def smtp_HELP(self, arg: str | None) -> None:
-        await self.send(b"214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT\r\n")
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if not self.tls_context:
