@@ -11,6 +11,7 @@ has it; every other outcome is a 4xx (retry later) or the downstream's own refus
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -442,3 +443,28 @@ def test_dns_failure_is_temperror_and_the_configured_action(
         with proxy:
             assert attempt(proxy.port, signed_message)[1] == 550
         assert down.messages == []
+
+
+# -- the daemon stopped as soon as it started ------------------------------------------------
+
+
+def test_stop_right_after_start_leaves_no_worker_behind(keyfile: str) -> None:
+    """SIGTERM while the supervisor is still forking workers: every worker stops with it.
+    (A worker forked just then used to miss the signal and keep the port, so that the next
+    start failed with "address in use".)"""
+    for _ in range(8):
+        proxy = ProxyProcess("out", out_args(keyfile, "--workers=4"), "127.0.0.1:9").start()
+        proxy.stop()
+        assert proxy.proc is not None and proxy.proc.returncode == 0
+        port = proxy.port
+        with socket.socket() as probe:  # the port is free again
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            assert wait_until(functools.partial(_bindable, probe, port), 5), proxy.log[-2000:]
+
+
+def _bindable(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True

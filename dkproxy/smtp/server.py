@@ -203,11 +203,19 @@ def _supervise(serve_here: Callable[[], None], workers: int) -> int:
     children: dict[int, float] = {}
     stopping = False
 
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
     def spawn() -> None:
+        # Signals wait while a worker is made: one reaching the child before its handlers
+        # are reset would run the supervisor's handler there and be lost, and one reaching
+        # the supervisor before the child is in `children` would not be forwarded to it.
+        # Either way a worker would miss SIGTERM and outlive the daemon, holding the port.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         pid = os.fork()
         if pid == 0:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for signum in handled:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             code = 0
             try:
                 serve_here()
@@ -218,6 +226,9 @@ def _supervise(serve_here: Callable[[], None], workers: int) -> int:
                 logging.shutdown()
                 os._exit(code)
         children[pid] = time.monotonic()
+        if stopping:  # asked to stop while starting workers: this one stops too
+            os.kill(pid, signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def forward(signum: int) -> None:
         for pid in list(children):
@@ -233,6 +244,8 @@ def _supervise(serve_here: Callable[[], None], workers: int) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: forward(signal.SIGHUP))
     for _ in range(workers):
+        if stopping:
+            break
         spawn()
     log.info("started %d workers", workers)
     while children:
