@@ -70,6 +70,15 @@ def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
         relay_timeout=cfg.relay_timeout,
         max_message_size=cfg.max_message_size,
         debugtrace=cfg.debugtrace,
+        max_command_line=cfg.max_command_line,
+        max_recipients=cfg.max_recipients,
+        max_messages_per_session=cfg.max_messages_per_session,
+        max_sessions=cfg.max_sessions,
+        max_header_size=cfg.max_header_size,
+        max_header_fields=cfg.max_header_fields,
+        command_timeout=cfg.command_timeout,
+        data_timeout=cfg.data_timeout,
+        xforward_hosts=tuple(cfg.xforward_hosts),
     )
     try:
         sock = server.bind(cfg.listen.host, cfg.listen.port)

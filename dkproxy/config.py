@@ -457,6 +457,16 @@ class _CommonConfig(BaseModel):
     workers: int | None = Field(None, ge=1)
     #: Prometheus endpoint (dkproxy.metrics); None: no metrics.
     metrics: HostPort | None = None
+    # Limits on what one client may make a worker do (README "Security notes"); each default
+    # is far above what real mail needs and far below what hurts a worker.
+    max_recipients: int = Field(1000, ge=1)  # per message; 452 past it (Postfix's default)
+    max_messages_per_session: int = Field(1000, ge=1)  # 421 and close past it
+    max_sessions: int = Field(500, ge=1)  # concurrent sessions per worker; 421 past it
+    max_command_line: int = Field(4096, ge=512)  # octets; RFC 5321 4.5.3.1.4 allows 512
+    max_header_size: int = Field(1 << 20, ge=1024)  # octets of the header block; 552 past it
+    max_header_fields: int = Field(1000, ge=1)  # fields in the header block; 552 past it
+    command_timeout: float = Field(300.0, gt=0)  # seconds idle waiting for a command line
+    data_timeout: float = Field(300.0, gt=0)  # seconds without a byte during DATA
 
     # Daemon options (DKIMproxy/Net::Server names); stored for the daemon code.
     user: str | None = None
@@ -475,6 +485,9 @@ class _CommonConfig(BaseModel):
     deny: list[str] = Field(default_factory=list)
     cidr_allow: list[str] = Field(default_factory=list)
     cidr_deny: list[str] = Field(default_factory=list)
+    #: Clients whose XFORWARD (the original client's address and name) is believed and
+    #: relayed: by default only the MTA on this host; others get 550 and are not offered it.
+    xforward_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
 
     log_level: str = "info"
     syslog: bool = False
@@ -494,7 +507,7 @@ class _CommonConfig(BaseModel):
     def _check_level(cls, value: str) -> str:
         return parse_log_level(value)
 
-    @field_validator("cidr_allow", "cidr_deny")
+    @field_validator("cidr_allow", "cidr_deny", "xforward_hosts")
     @classmethod
     def _check_cidrs(cls, values: list[str]) -> list[str]:
         for value in values:
@@ -558,6 +571,9 @@ class InboundConfig(_CommonConfig):
     dns_server: HostPort | None = None
     dns_timeout: float = Field(5.0, gt=0)
     max_signatures: int = Field(5, ge=1)
+    #: Records read from one DNS answer; the rest are ignored (a hostile zone can answer a
+    #: TXT or MX lookup with thousands).
+    max_dns_answers: int = Field(50, ge=1)
     min_key_bits: int = Field(1024, ge=1024)
     #: rsa-sha1 DKIM signatures count as valid. RFC 8301 says they must not, but DKIMproxy,
     #: whose users this replaces, signs rsa-sha1 unless told a=rsa-sha256, and OpenDKIM and
@@ -882,6 +898,60 @@ _OPTIONS: tuple[_Opt, ...] = (
         help="serve Prometheus metrics at http://ADDR:PORT/metrics (a bare port: on 127.0.0.1)",
         metavar="ADDR:PORT",
     ),
+    # limits (README "Security notes")
+    _Opt(
+        "max_recipients",
+        "int",
+        help="recipients per message (default 1000; 452 past it)",
+        metavar="N",
+        minimum=1,
+    ),
+    _Opt(
+        "max_messages_per_session",
+        "int",
+        help="messages per SMTP session (default 1000; then 421)",
+        metavar="N",
+        minimum=1,
+    ),
+    _Opt(
+        "max_sessions",
+        "int",
+        help="concurrent sessions per worker (default 500; 421 past it)",
+        metavar="N",
+        minimum=1,
+    ),
+    _Opt(
+        "max_command_line",
+        "int",
+        help="longest command line in octets (default 4096)",
+        metavar="OCTETS",
+        minimum=512,
+    ),
+    _Opt(
+        "max_header_size",
+        "size",
+        help="largest header block (default 1M; 552 past it)",
+        metavar="SIZE",
+    ),
+    _Opt(
+        "max_header_fields",
+        "int",
+        help="header fields per message (default 1000; 552 past it)",
+        metavar="N",
+        minimum=1,
+    ),
+    _Opt(
+        "command_timeout",
+        "float",
+        help="seconds to wait for a command (default 300)",
+        metavar="SECONDS",
+    ),
+    _Opt(
+        "data_timeout",
+        "float",
+        help="seconds without data during DATA (default 300)",
+        metavar="SECONDS",
+    ),
     # signing (dkimproxy.out)
     _Opt(
         "domain",
@@ -945,6 +1015,14 @@ _OPTIONS: tuple[_Opt, ...] = (
         metavar="ADDR[:PORT]",
     ),
     _Opt("dns_timeout", "float", _IN, help="DNS timeout in seconds (default 5)", metavar="SECONDS"),
+    _Opt(
+        "max_dns_answers",
+        "int",
+        _IN,
+        help="records used from one DNS answer (default 50)",
+        metavar="N",
+        minimum=1,
+    ),
     _Opt(
         "max_signatures",
         "int",
@@ -1029,6 +1107,12 @@ _OPTIONS: tuple[_Opt, ...] = (
     ),
     _Opt("cidr_allow", "list", help="client network to allow, repeatable", metavar="CIDR"),
     _Opt("cidr_deny", "list", help="client network to deny, repeatable", metavar="CIDR"),
+    _Opt(
+        "xforward_hosts",
+        "list",
+        help="client network whose XFORWARD is accepted, repeatable (default loopback)",
+        metavar="CIDR",
+    ),
     # logging
     _Opt(
         "log_level",
@@ -1426,6 +1510,7 @@ class _TomlDaemon(BaseModel):
     deny: list[str] | None = None
     cidr_allow: list[str] | None = None
     cidr_deny: list[str] | None = None
+    xforward_hosts: list[str] | None = None
 
 
 class _TomlLog(BaseModel):
@@ -1454,6 +1539,27 @@ class _TomlArcSeal(BaseModel):
         return value.split(":") if isinstance(value, str) else value
 
 
+class _TomlLimits(BaseModel):
+    """[limits]: the same names and meanings as the command-line options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_recipients: int | None = None
+    max_messages_per_session: int | None = None
+    max_sessions: int | None = None
+    max_command_line: int | None = None
+    max_header_size: Any = None
+    max_header_fields: int | None = None
+    command_timeout: float | None = None
+    data_timeout: float | None = None
+    max_dns_answers: int | None = None
+
+    @field_validator("max_header_size")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return None if value is None else parse_size(value)
+
+
 class _TomlCommon(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -1467,6 +1573,7 @@ class _TomlCommon(BaseModel):
     metrics: str | int | None = None
     daemon: _TomlDaemon = Field(default_factory=_TomlDaemon)
     log: _TomlLog = Field(default_factory=_TomlLog)
+    limits: _TomlLimits = Field(default_factory=lambda: _TomlLimits())
 
     @field_validator("max_message_size")
     @classmethod
@@ -1617,6 +1724,12 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
     put("relay_timeout", doc.relay_timeout, "relay_timeout")
     put("max_message_size", doc.max_message_size, "max_message_size")
     put("metrics", doc.metrics, "metrics", lambda v: parse_metrics_address(str(v)))
+    for name in _TomlLimits.model_fields:
+        if name == "max_dns_answers" and not isinstance(doc, _TomlIn):
+            if doc.limits.max_dns_answers is not None:
+                raise ConfigError(path, None, "limits.max_dns_answers: inbound only")
+            continue
+        put(name, getattr(doc.limits, name), f"limits.{name}")
     daemon = doc.daemon
     for name in (
         "user",
@@ -1632,6 +1745,7 @@ def _toml_values(path: str, doc: _TomlCommon) -> _Values:
         "deny",
         "cidr_allow",
         "cidr_deny",
+        "xforward_hosts",
         "chroot",
     ):
         put(name, getattr(daemon, name), f"daemon.{name}")
@@ -2054,6 +2168,11 @@ def help_text(mode: Mode) -> str:
             "listen relay reject_error hostname relay_timeout max_message_size workers metrics",
         ),
         (
+            "limits",
+            "max_recipients max_messages_per_session max_sessions max_command_line "
+            "max_header_size max_header_fields command_timeout data_timeout max_dns_answers",
+        ),
+        (
             "signing",
             "domain keyfile selector method dkim_method domainkeys_method identity signature "
             "sender_map listid_map min_rsa_bits",
@@ -2066,7 +2185,7 @@ def help_text(mode: Mode) -> str:
         (
             "daemon",
             "daemonize user group pidfile chroot min_servers max_servers min_spare_servers "
-            "max_spare_servers max_requests cidr_allow cidr_deny",
+            "max_spare_servers max_requests cidr_allow cidr_deny xforward_hosts",
         ),
         ("logging", "log_level syslog syslog_facility log_file debugtrace"),
     )

@@ -93,6 +93,10 @@ class ResolverConfig:
     #: same name twice) and a burst of messages from a domain whose servers are down do not
     #: each wait out a full timeout.
     temperror_ttl: float = 5.0
+    #: An answer with more records than this is not used: it counts as a temporary error
+    #: (a hostile zone could otherwise make every message cost thousands of records; and
+    #: dropping some of them could drop the one that matters, turning fail into none).
+    max_answers: int = 50
 
 
 def parse_servers(server: str) -> list[tuple[str, int]]:
@@ -337,6 +341,11 @@ class Resolver:
         ttl = max(0.0, answer.expiration - time.time())
         if answer.rrset is None:
             return DnsAnswer("nodata", (), "no records"), min(ttl, cfg.max_negative_ttl)
+        if len(answer.rrset) > cfg.max_answers:
+            log.info("DNS answer for %s/%s has %d records, more than max_dns_answers %d",
+                     name, rdtype, len(answer.rrset), cfg.max_answers)  # fmt: skip
+            detail = f"{len(answer.rrset)} records, more than {cfg.max_answers}"
+            return DnsAnswer("temperror", (), detail), cfg.temperror_ttl
         records = tuple(_convert(rdata, rdtype) for rdata in answer.rrset)
         return DnsAnswer("ok", records), min(ttl, cfg.max_ttl)
 

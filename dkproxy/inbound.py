@@ -17,7 +17,7 @@ from dkproxy.authresults import (
 )
 from dkproxy.config import InboundConfig
 from dkproxy.dmarc import DmarcResult
-from dkproxy.dnsresolver import Resolver
+from dkproxy.dnsresolver import Resolver, ResolverConfig
 from dkproxy.message import Buffer, Message, MessageFormatError
 from dkproxy.session import Envelope, Outcome
 from dkproxy.smtp.downstream import Part, Reply
@@ -31,7 +31,9 @@ class InboundVerifier:
     def __init__(self, cfg: InboundConfig, resolver: Resolver | None = None) -> None:
         self.authserv_id = cfg.hostname
         self.resolver = resolver or Resolver(
-            server=str(cfg.dns_server) if cfg.dns_server else None, timeout=cfg.dns_timeout
+            server=str(cfg.dns_server) if cfg.dns_server else None,
+            timeout=cfg.dns_timeout,
+            config=ResolverConfig(max_answers=cfg.max_dns_answers),
         )
         self.settings = VerifySettings(
             authserv_id=cfg.hostname,

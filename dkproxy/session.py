@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from dkproxy import metrics
 from dkproxy.message import Buffer
 from dkproxy.smtp.downstream import Downstream, DownstreamError, Part, Reply, local_reply
+from dkproxy.smtp.limits import Refusal
 from dkproxy.smtp.spool import Spool
 
 log = logging.getLogger("dkproxy.session")
@@ -115,6 +116,13 @@ class Proxy:
             raise
         self._log_message(envelope, outcome, reply, started)
         return reply
+
+    async def refuse(self, downstream: Downstream, envelope: Envelope, refusal: Refusal) -> Reply:
+        """Refuse the received message ourselves (a limit, the spool): the downstream's
+        MAIL/RCPT are undone and the client gets `refusal.reply` (the caller logs why)."""
+        await self._abort(downstream)
+        code, _, text = refusal.reply.partition(" ")
+        return local_reply(int(code), text)
 
     async def _abort(self, downstream: Downstream) -> None:
         """Undo MAIL/RCPT downstream after refusing a message ourselves."""

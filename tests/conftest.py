@@ -9,10 +9,24 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support.dnsserver import DNSServer
 from tests.support.sink import CaptureServer, SmtpSink
 from tests.support.testkeys import KeySet, make_key_set
+
+# Property tests: a few hundred examples per property in the default suite (fast, random
+# each run, so CI keeps exploring); `./dev fuzz` selects the "fuzz" profile, which runs many
+# more, bounded in time by the dev script. Deadlines are off: the machine is shared and some
+# properties talk to a running daemon or to Perl.
+settings.register_profile(
+    "default",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("fuzz", parent=settings.get_profile("default"), max_examples=5000)
+settings.load_profile("default")
 
 
 @pytest.fixture(scope="session")

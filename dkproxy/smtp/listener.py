@@ -43,6 +43,7 @@ from dkproxy.smtp.downstream import (
     DownstreamPool,
     Reply,
 )
+from dkproxy.smtp.limits import Refusal, check_declared_size, check_received
 from dkproxy.smtp.spool import Spool
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class ProxyLogic(Protocol):
     async def deliver(
         self, downstream: Downstream, tx: Transaction, spool: Spool | None, started: float
     ) -> Reply: ...
+
+    async def refuse(self, downstream: Downstream, tx: Transaction, refusal: Refusal) -> Reply: ...
 
 
 class Worker(Protocol):
@@ -186,6 +189,10 @@ class Listener(SMTP):
         self.helo: str | None = None
         self.tx: Transaction = self.logic.begin(self.peer, None)
         self._errors = 0
+        #: Transactions that reached the end of DATA (max_messages_per_session).
+        self._messages = 0
+        #: Why the spool could not keep the message being received (disk full...).
+        self._spool_error: OSError | None = None
         self._replies: list[bytes] = []
         self._unyielded = 0
 
@@ -265,6 +272,16 @@ class Listener(SMTP):
         log.warning("client=%s downstream failure: %s", self.peer, exc)
         host = self.settings.hostname
         await self._close_with(f"421 4.4.2 {host} downstream failed, try again later")
+
+    def _timeout_cb(self) -> None:
+        """No command (command_timeout) or no data (data_timeout) for too long: say so with
+        421, as Postfix does, before aiosmtpd closes the connection."""
+        log.info("client=%s timeout; closing the session", self.peer)
+        self._spent = True  # a transaction may be open downstream: never pool it
+        if self.transport is not None and not self.transport.is_closing():
+            host = self.settings.hostname
+            self.transport.write(f"421 4.4.2 {host} Error: timeout exceeded\r\n".encode())
+        super()._timeout_cb()
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug of ours: log it, answer 421 and end the session (never a traceback to the
@@ -413,6 +430,8 @@ class Listener(SMTP):
         size_limit = self._size_limit()
         lines.append(f"SIZE {size_limit}" if size_limit else "SIZE")
         for ext in RELAYED_EXTENSIONS:
+            if ext == "XFORWARD" and not self._xforward_permitted():
+                continue  # as Postfix: offered only to smtpd_authorized_xforward_hosts
             if self.downstream.supports(ext):
                 lines.append(f"{ext} {self.downstream.extensions[ext]}".rstrip())
         if self.tls_context and not self._tls_protocol:
@@ -456,6 +475,12 @@ class Listener(SMTP):
         if self.tx.mail_from is not None:
             await self.push("503 5.5.1 Error: nested MAIL command")
             return
+        if self._messages >= self.settings.max_messages_per_session:
+            log.info("client=%s sent %d messages in one session; closing it", self.peer,
+                     self._messages)  # fmt: skip
+            host = self.settings.hostname
+            await self._close_with(f"421 4.7.0 {host} Error: too many messages in one session")
+            return
         match = _MAIL_FROM.match(arg or "")
         line = b"MAIL " + _octets(arg)
         if match is None or _has_control(line):
@@ -463,6 +488,11 @@ class Listener(SMTP):
             return
         if match.group(2).strip() and not self._extended:
             await self.push("501 5.5.4 Error: MAIL parameters need EHLO")
+            return
+        too_big = check_declared_size(match.group(2), self.settings.max_message_size)
+        if too_big is not None:
+            log.info("client=%s MAIL refused: %s", self.peer, too_big.reason)
+            await self.push(too_big.reply)
             return
         reply = await self._relay(lambda downstream: downstream.command(line))
         if reply is None:
@@ -478,6 +508,10 @@ class Listener(SMTP):
             return
         if self.tx.mail_from is None:
             await self.push("503 5.5.1 Error: need MAIL command")
+            return
+        if len(self.tx.rcpt_to) >= self.settings.max_recipients:
+            # RFC 5321 4.5.3.1.8: a temporary 452, so the client sends the rest later.
+            await self.send(b"452 4.5.3 Error: too many recipients\r\n")
             return
         match = _RCPT_TO.match(arg or "")
         line = b"RCPT " + _octets(arg)
@@ -508,6 +542,12 @@ class Listener(SMTP):
         """XFORWARD (Postfix XFORWARD_README): passed on verbatim when the downstream offers
         it; the attributes are kept for the verifier and the log line."""
         assert self.downstream is not None
+        if not self._xforward_permitted():
+            # XFORWARD overrides the client address SPF and the log line use: only the MTA
+            # in front of us may say who its client was.
+            log.warning("client=%s XFORWARD refused: not in xforward_hosts", self.peer)
+            await self.push("550 5.7.0 Error: insufficient authorization")
+            return
         if not self.downstream.supports("XFORWARD"):
             await self.push("502 5.5.1 Error: XFORWARD not supported")
             return
@@ -523,6 +563,11 @@ class Listener(SMTP):
                 key, _, value = item.partition("=")
                 self.tx.xforward[key.upper()] = value
         await self.send_reply(reply)
+
+    def _xforward_permitted(self) -> bool:
+        return bool(self.settings.xforward_hosts) and self.settings.xforward_access.permits(
+            self.peer
+        )
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         if not self.tls_context:
@@ -549,6 +594,10 @@ class Listener(SMTP):
         await self.send(b"354 End data with <CR><LF>.<CR><LF>\r\n")
         started = time.monotonic()
         spool: Spool | None = Spool()
+        self._spool_error = None
+        # data_timeout: the longest wait for the next byte of the message.
+        self._timeout_duration = self.settings.data_timeout
+        self._reset_timeout()
         try:
             if not await self._receive(spool, self.settings.max_message_size):
                 spool.close()
@@ -560,13 +609,23 @@ class Listener(SMTP):
         except BaseException:
             spool.close()  # the client went away mid-DATA
             raise
+        finally:
+            self._timeout_duration = self.settings.command_timeout
+            self._reset_timeout()
+        self._messages += 1
         tx = self.tx
         assert self.downstream is not None
         # The client waits for us now, not we for it: its idle timer must not run out while
         # the message is processed and relayed (the relay has its own timeout).
         self._reset_timeout(self.settings.command_timeout + self.settings.relay_timeout)
         try:
-            reply = await self.logic.deliver(self.downstream, tx, spool, started)
+            refusal = check_received(spool, self._spool_error, self.settings)
+            if refusal is not None:
+                log.info("client=%s from=<%s> rejected: %s", self.peer, tx.mail_from,
+                         refusal.reason)  # fmt: skip
+                reply = await self.logic.refuse(self.downstream, tx, refusal)
+            else:
+                reply = await self.logic.deliver(self.downstream, tx, spool, started)
         except DownstreamError as exc:
             await self._downstream_failed(exc)
             return
@@ -633,7 +692,12 @@ class Listener(SMTP):
             if kept:
                 # Lines over 998 characters: broken as Postfix's smtp client sends them on.
                 stored, column = break_long_lines(data_piece(bytes(buf[:cut]), line_start), column)
-                spool.write(stored)
+                try:
+                    spool.write(stored)
+                except OSError as exc:  # the spool directory is full or unusable
+                    self._spool_error = exc
+                    spool.close()  # keep reading to the end, keep nothing
+                    kept = False
                 if max_size and len(spool) > max_size:
                     spool.close()  # keep reading to the end, keep nothing
                     kept = False

@@ -88,6 +88,10 @@ class ProxyServer:
         if self.max_connections and self.connections >= self.max_connections:
             assert self._stopping is not None
             self._stopping.set()  # retire after this session; the supervisor starts a new one
+        if len(self.sessions) > self.settings.max_sessions:
+            log.warning("client=%s refused: %d sessions in this worker (max_sessions)",
+                        listener.peer, len(self.sessions) - 1)  # fmt: skip
+            return "421 4.7.0 Error: too many sessions, try again later"
         if self.access.active and not self.access.permits(listener.peer):
             # Net::Server's allow/deny: a refused client gets 554 and the connection is closed.
             log.warning("client=%s refused by the access list", listener.peer)
@@ -207,11 +211,19 @@ def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket
     children: dict[int, float] = {}
     stopping = False
 
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
     def spawn() -> None:
+        # Signals wait while a worker is made: one reaching the child before its handlers
+        # are reset would run the supervisor's handler there and be lost, and one reaching
+        # the supervisor before the child is in `children` would not be forwarded to it.
+        # Either way a worker would miss SIGTERM and outlive the daemon, holding the port.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         pid = os.fork()
         if pid == 0:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            for signum in handled:
                 signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             code = 0
             try:
                 serve_here()
@@ -222,6 +234,9 @@ def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket
                 logging.shutdown()
                 os._exit(code)
         children[pid] = time.monotonic()
+        if stopping:  # asked to stop while starting workers: this one stops too
+            os.kill(pid, signal.SIGTERM)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def forward(signum: int) -> None:
         for pid in list(children):
@@ -241,6 +256,8 @@ def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: forward(signal.SIGHUP))
     for _ in range(workers):
+        if stopping:
+            break
         spawn()
     log.info("started %d workers", workers)
     while children:

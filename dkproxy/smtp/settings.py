@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dkproxy.daemon import AccessList
 from dkproxy.smtp.downstream import DownstreamSettings
 
 
@@ -35,14 +37,33 @@ class SessionSettings:
     max_errors: int = 20
     #: Commands served from already-received input before yielding to other sessions.
     fairness_batch: int = 16
+    #: Limits (README "Security notes"); see dkproxy.config for the defaults' reasons.
+    max_recipients: int = 1000
+    max_messages_per_session: int = 1000
+    #: Concurrent sessions per worker; the next one gets 421 at once.
+    max_sessions: int = 500
+    max_header_size: int = 1 << 20
+    max_header_fields: int = 1000
+    #: Seconds without a byte while a message is being received.
+    data_timeout: float = 300.0
+    #: Networks (CIDR) whose clients may send XFORWARD; empty: nobody.
+    xforward_hosts: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     listener_options: Mapping[str, Any] = field(default_factory=dict)
     downstream_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def xforward_access(self) -> AccessList:
+        """Who may send XFORWARD, as an access list (built once per worker)."""
+        return AccessList.build(cidr_allow=self.xforward_hosts)
 
     def downstream(self) -> DownstreamSettings:
         return DownstreamSettings(
             host=self.relay_host,
             port=self.relay_port,
             timeout=self.relay_timeout,
+            # A downstream that accepts the connection and never greets must give 4xx within
+            # the configured relay_timeout too, not only after the 30 s connect allowance.
+            connect_timeout=min(DownstreamSettings.connect_timeout, self.relay_timeout),
             local_hostname=self.hostname,
             client_options=self.downstream_options,
         )

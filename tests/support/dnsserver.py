@@ -17,11 +17,13 @@ file. The host's resolv.conf and port 53 are never touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
+import dns.exception
 import dns.flags
 import dns.message
 import dns.query
@@ -130,6 +133,64 @@ class _Blackhole:
         self.tcp.close()
 
 
+class _FixedRcode:
+    """A UDP+TCP DNS server on loopback that answers every query with one rcode (SERVFAIL,
+    REFUSED ...) and no records: a resolver that is up but fails, on demand."""
+
+    def __init__(self, rcode: str) -> None:
+        self.rcode = dns.rcode.from_text(rcode)
+        port = free_udp_tcp_port()
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", port))
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", port))
+        self.tcp.listen(16)
+        self.port = port
+        for target in (self._serve_udp, self._serve_tcp):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _answer(self, wire: bytes) -> bytes | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        response = dns.message.make_response(query)
+        response.set_rcode(self.rcode)
+        return response.to_wire()
+
+    def _serve_udp(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                wire, peer = self.udp.recvfrom(65535)
+                answer = self._answer(wire)
+                if answer is not None:
+                    self.udp.sendto(answer, peer)
+
+    def _serve_tcp(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.tcp.accept()
+                with conn, contextlib.suppress(OSError, struct.error):
+                    conn.settimeout(5)
+                    size = struct.unpack("!H", conn.recv(2))[0]
+                    wire = b""
+                    while len(wire) < size:
+                        more = conn.recv(size - len(wire))
+                        if not more:
+                            break
+                        wire += more
+                    answer = self._answer(wire)
+                    if answer is not None:
+                        conn.sendall(struct.pack("!H", len(answer)) + answer)
+
+    def close(self) -> None:
+        for sock in (self.udp, self.tcp):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
 class DNSServer:
     """NSD serving TXT records for tests on 127.0.0.1:<free port> (UDP and TCP)."""
 
@@ -145,6 +206,7 @@ class DNSServer:
         self._mtime_ns = 0
         self._lock = threading.RLock()
         self._blackhole: _Blackhole | None = None
+        self._failing: dict[str, _FixedRcode] = {}
         self._nsd = ""
 
     # -- life cycle -------------------------------------------------------------------------
@@ -196,6 +258,9 @@ class DNSServer:
         if self._blackhole is not None:
             self._blackhole.close()
             self._blackhole = None
+        for responder in self._failing.values():
+            responder.close()
+        self._failing = {}
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = ""
@@ -454,6 +519,14 @@ zone:
             if self._blackhole is None:
                 self._blackhole = _Blackhole()
             return f"127.0.0.1:{self._blackhole.port}"
+
+    def failing_address(self, rcode: str) -> str:
+        """ "127.0.0.1:PORT" of a DNS server answering every query with `rcode` (SERVFAIL,
+        REFUSED, ...); closed with the server."""
+        with self._lock:
+            if rcode not in self._failing:
+                self._failing[rcode] = _FixedRcode(rcode)
+            return f"127.0.0.1:{self._failing[rcode].port}"
 
     # -- namespace for port-53-only resolvers -----------------------------------------------
 

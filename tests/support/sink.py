@@ -194,6 +194,7 @@ class SmtpSink:
         self.port = 0
         self.dir = ""
         self._proc: subprocess.Popen[bytes] | None = None
+        self._argv: list[str] = []
         self._cache: dict[str, SinkMessage] = {}
 
     @property
@@ -219,19 +220,35 @@ class SmtpSink:
                 f"{self.host}:{self.port}",
                 "256",
             ]
-            log = open(os.path.join(self.dir, "smtp-sink.log"), "ab")  # noqa: SIM115
-            self._proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-            )
-            log.close()
+            self._argv = argv
+            self._spawn()
             try:
                 wait_for_port(self.host, self.port, timeout=5)
-                if self._proc.poll() is None:
+                if self._proc is not None and self._proc.poll() is None:
                     return self
             except TimeoutError as exc:
                 last = str(exc)
             self._kill()
         raise RuntimeError(f"smtp-sink did not start: {last}\n{self.log()}")
+
+    def _spawn(self) -> None:
+        log = open(os.path.join(self.dir, "smtp-sink.log"), "ab")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            self._argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+        log.close()
+
+    def crash(self) -> None:
+        """SIGKILL smtp-sink, as a downstream crash: whatever it dumped so far stays."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Start smtp-sink again after crash(): same port, same dump directory."""
+        self._spawn()
+        wait_for_port(self.host, self.port, timeout=timeout)
 
     def log(self) -> str:
         try:
@@ -381,7 +398,8 @@ class CaptureServer:
     data_reply (answer after the final ".") override the defaults; each may be a callable given
     the command line (for data_reply: the address list joined by ","). delays: command verb
     (or ".") -> seconds to sleep before answering. disconnect_on: verbs after which the
-    connection is dropped without a reply.
+    connection is dropped without a reply. close_in_data: drop the connection (TCP reset)
+    once that many bytes of message data have arrived, mid-DATA.
     """
 
     host = "127.0.0.1"
@@ -409,8 +427,10 @@ class CaptureServer:
         data_reply: Reply = "250 2.0.0 Ok: queued",
         delays: Mapping[str, float] | None = None,
         disconnect_on: Sequence[str] = (),
+        close_in_data: int | None = None,
     ) -> None:
         self.hostname = hostname
+        self.close_in_data = close_in_data
         self.caps = list(self.DEFAULT_CAPS if ehlo_capabilities is None else ehlo_capabilities)
         self.greeting = greeting or f"220 {hostname} ESMTP capture"
         self.mail_reply = mail_reply
@@ -597,6 +617,7 @@ class CaptureServer:
                     if not first.startswith("3"):
                         continue
                     chunks: list[bytes] = []
+                    received = 0
                     while True:
                         chunk = await reader.readline()
                         if not chunk:
@@ -604,6 +625,10 @@ class CaptureServer:
                         if chunk == b".\r\n":
                             break
                         chunks.append(chunk)
+                        received += len(chunk)
+                        if self.close_in_data is not None and received >= self.close_in_data:
+                            writer.transport.abort()
+                            raise ConnectionError("closing mid-DATA as told")
                     wire = b"".join(chunks)
                     txn.raw_data = wire
                     txn.data = b"".join(c[1:] if c.startswith(b".") else c for c in chunks)
