@@ -117,11 +117,17 @@ class Proxy:
         self._log_message(envelope, outcome, reply, started)
         return reply
 
+    def refuse_declared(self, refusal: Refusal) -> None:
+        """A MAIL refused at once for its declared SIZE (RFC 1870 6.1): one message refused."""
+        code, _, _text = refusal.reply.partition(" ")
+        metrics.message_done(None, int(code), 0.0)
+
     async def refuse(self, downstream: Downstream, envelope: Envelope, refusal: Refusal) -> Reply:
         """Refuse the received message ourselves (a limit, the spool): the downstream's
         MAIL/RCPT are undone and the client gets `refusal.reply` (the caller logs why)."""
         await self._abort(downstream)
         code, _, text = refusal.reply.partition(" ")
+        metrics.message_done(None, int(code), 0.0)
         return local_reply(int(code), text)
 
     async def _abort(self, downstream: Downstream) -> None:

@@ -80,6 +80,8 @@ class ProxyLogic(Protocol):
         self, downstream: Downstream, tx: Transaction, spool: Spool | None, started: float
     ) -> Reply: ...
 
+    def refuse_declared(self, refusal: Refusal) -> None: ...
+
     async def refuse(self, downstream: Downstream, tx: Transaction, refusal: Refusal) -> Reply: ...
 
 
@@ -492,6 +494,7 @@ class Listener(SMTP):
         too_big = check_declared_size(match.group(2), self.settings.max_message_size)
         if too_big is not None:
             log.info("client=%s MAIL refused: %s", self.peer, too_big.reason)
+            self.logic.refuse_declared(too_big)
             await self.push(too_big.reply)
             return
         reply = await self._relay(lambda downstream: downstream.command(line))
