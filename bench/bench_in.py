@@ -48,7 +48,7 @@ def signed_message(key_path: Path, size: int) -> bytes:
     )  # fmt: skip
 
     class _Fixed:
-        def select(self, sender: object, list_id: object) -> object:
+        def select(self, sender: object, list_id: object, *, no_sender: str = "") -> object:
             from dkproxy.policy import Selection
 
             return Selection(specs=specs, rule="bench", reason=None)
