@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
-from dkproxy.message import Buffer, Message, MessageFormatError
-from dkproxy.session import Envelope, Outcome, Proxy
-from dkproxy.signer import assemble
+from dkproxy.mailauth.message import Buffer, Message, MessageFormatError
+from dkproxy.outbound import assemble
 from dkproxy.smtp.downstream import DownstreamError, Reply, local_reply
 from dkproxy.smtp.listener import _MAIL_FROM, Listener, _address
+from dkproxy.smtp.proxy import Envelope, Outcome, Proxy
 
 if TYPE_CHECKING:
     from dkproxy.relaymode.state import RelayService, RelayState

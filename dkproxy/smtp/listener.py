@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, AnyStr, Protocol, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
-from dkproxy.message import break_long_lines, wire_line_ends
+from dkproxy.mailauth.message import break_long_lines, wire_line_ends
 from dkproxy.smtp.downstream import (
     CONTROL_OCTETS,
     Downstream,

@@ -66,7 +66,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dkproxy.addresses import DomainError, canonical_domain
+from dkproxy.mailauth.addresses import DomainError, canonical_domain
 
 Mode = Literal["out", "in"]
 Action = Literal["accept", "tempfail", "reject"]
@@ -172,8 +172,8 @@ _FALSE_WORDS = frozenset({"0", "no", "false", "off", "n", ""})
 def to_alabels(domain: str) -> str:
     """A configured domain in the form every comparison uses: lower-case A-labels.
 
-    U-labels and A-labels are both accepted (RFC 5890, UTS 46; see dkproxy.addresses); raises
-    ValueError naming the value when it has no A-label form.
+    U-labels and A-labels are both accepted (RFC 5890, UTS 46; see
+    dkproxy.mailauth.addresses); raises ValueError naming the value when it has no A-label form.
     """
     try:
         return canonical_domain(domain)
