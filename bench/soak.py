@@ -21,8 +21,8 @@ client's queue keeps the message and retries. This tool checks the promise under
 
 Not part of the default test suite (it takes minutes). Run from the repository root:
 
-    python bench/soak.py --messages 100000 --clients 16
-    python bench/soak.py --messages 2000 --json soak.json     # a quick shake-out
+    python3 bench/soak.py --messages 100000 --clients 16
+    python3 bench/soak.py --messages 2000 --json soak.json     # a quick shake-out
 
 Exit status: 0 when nothing was lost, nothing refused permanently and RSS stayed in bound.
 """
