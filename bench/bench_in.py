@@ -31,10 +31,10 @@ from bench.bench_out import (  # noqa: E402
     wait_port,
     write_key,
 )
-from dkproxy.keys import load_signing_key  # noqa: E402
-from dkproxy.message import Message  # noqa: E402
+from dkproxy.mailauth.keys import load_signing_key  # noqa: E402
+from dkproxy.mailauth.message import Message  # noqa: E402
+from dkproxy.outbound import OutboundSigner  # noqa: E402
 from dkproxy.policy import SignatureSpec  # noqa: E402
-from dkproxy.signer import OutboundSigner  # noqa: E402
 from tests.support.dnsserver import DNSServer  # noqa: E402
 
 

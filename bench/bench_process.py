@@ -50,11 +50,11 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils  # noqa: E402
 
 from dkproxy import config  # noqa: E402
-from dkproxy.dnsresolver import DnsAnswer, Resolver  # noqa: E402
 from dkproxy.inbound import InboundVerifier  # noqa: E402
-from dkproxy.keys import load_signing_key  # noqa: E402
-from dkproxy.session import Envelope  # noqa: E402
-from dkproxy.signer import OutboundSigner  # noqa: E402
+from dkproxy.mailauth.dnsresolver import DnsAnswer, Resolver  # noqa: E402
+from dkproxy.mailauth.keys import load_signing_key  # noqa: E402
+from dkproxy.outbound import OutboundSigner  # noqa: E402
+from dkproxy.smtp.proxy import Envelope  # noqa: E402
 
 DOMAIN = "example.org"
 SELECTOR = "bench"

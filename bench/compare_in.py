@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_in import signed_message  # noqa: E402
-from dkproxy.keys import load_signing_key  # noqa: E402
+from dkproxy.mailauth.keys import load_signing_key  # noqa: E402
 from tests.support.dnsserver import DNSServer  # noqa: E402
 
 NETNS_MARK = "DKPROXY_COMPARE_NETNS"

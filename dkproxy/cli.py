@@ -42,8 +42,8 @@ def _fail(message: str, status: int = 2) -> int:
 def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
     """Parse the configuration, bind, load keys and maps, drop privileges, then serve."""
     from dkproxy import config, daemon
-    from dkproxy.session import Processor
     from dkproxy.smtp import server
+    from dkproxy.smtp.proxy import Processor
     from dkproxy.smtp.settings import SessionSettings
 
     try:
@@ -117,7 +117,7 @@ def run_proxy(mode: Literal["out", "in"], argv: list[str]) -> int:
             atexit.register(daemon.remove_pidfile, cfg.pidfile)
 
     if mode == "out":
-        from dkproxy.signer import OutboundSigner, assemble
+        from dkproxy.outbound import OutboundSigner, assemble
 
         build, assembler = OutboundSigner.from_config, assemble
     else:
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if command in ("out", "in"):
         return run_proxy(command, rest)
     if command == "demo":
-        from dkproxy.demo import main as demo_main
+        from dkproxy.tools.demo import main as demo_main
 
         return demo_main(rest)
     if command == "relay":
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return passwd_main(rest)
     if command in ("keygen", "dnscheck", "check-config"):
-        from dkproxy import keytools
+        from dkproxy.tools import keytools
 
         return keytools.main(command, rest)
     if command == "qmail-queue":

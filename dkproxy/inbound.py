@@ -8,21 +8,22 @@ and reject_error, then the per-result actions of the native configuration.
 
 from __future__ import annotations
 
-from dkproxy import arc, metrics
-from dkproxy.authresults import (
+from dkproxy import metrics
+from dkproxy.config import InboundConfig
+from dkproxy.mailauth import arc
+from dkproxy.mailauth.authresults import (
     authentication_results,
     forged_authentication_results,
     forged_ranges_in_raw,
     header_byte_ranges,
 )
-from dkproxy.config import InboundConfig
-from dkproxy.dmarc import DmarcResult
-from dkproxy.dnsresolver import Resolver, ResolverConfig
-from dkproxy.message import Buffer, Message, MessageFormatError
-from dkproxy.session import Envelope, Outcome
+from dkproxy.mailauth.dmarc import DmarcResult
+from dkproxy.mailauth.dnsresolver import Resolver, ResolverConfig
+from dkproxy.mailauth.message import Buffer, Message, MessageFormatError
+from dkproxy.mailauth.verifier import VerificationReport, VerifySettings, decide, verify_message
 from dkproxy.smtp.downstream import Part, Reply
+from dkproxy.smtp.proxy import Envelope, Outcome
 from dkproxy.smtp.spool import Spool
-from dkproxy.verifier import VerificationReport, VerifySettings, decide, verify_message
 
 
 class InboundVerifier:

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 if TYPE_CHECKING:
-    from dkproxy.dnsresolver import CacheStats
-    from dkproxy.session import Outcome
+    from dkproxy.mailauth.dnsresolver import CacheStats
     from dkproxy.smtp.downstream import Reply
+    from dkproxy.smtp.proxy import Outcome
 
 log = logging.getLogger("dkproxy.metrics")
 

@@ -9,7 +9,7 @@ Semantics follow DKIMproxy 1.4.1 (scripts/dkimproxy.out get_signature_options, b
 signer_policy, interpret_macros; lib/LookupMap.pm):
 
 * The sender is the Sender header's address, else From's (Mail::DKIM message_sender);
-  dkproxy.message.Message.sender() supplies it.
+  dkproxy.mailauth.message.Message.sender() supplies it.
 * Order: the listid_map is consulted first (only if the message has a List-Id), then the
   sender_map, then the default signatures. The first source that matches decides alone.
   Without any sender only a catch-all map entry can match (DKIMproxy failed such a message
@@ -19,7 +19,7 @@ signer_policy, interpret_macros; lib/LookupMap.pm):
   (`example.org`, `org`), then the catch-all `.`. A plain domain entry therefore also covers
   all subdomains. For a List-Id `a.lists.example.org` the keys are the id, its parent domains
   and `.`. Keys are compared in lower case, domains as A-labels (U-labels in a map, the
-  configuration or the message are converted; see dkproxy.addresses).
+  configuration or the message are converted; see dkproxy.mailauth.addresses).
 * The default d= of a map signature is the matched key (its domain part for an address key);
   for a List-Id matched in full, the id without its first label.
 * Default signatures (`signature`, or the implicit `dkim`): with one `domain` every message is
@@ -58,7 +58,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from dkproxy.addresses import DomainError, canonical_domain, canonical_domain_or_none
 from dkproxy.config import (
     ConfigError,
     OutboundConfig,
@@ -68,8 +67,9 @@ from dkproxy.config import (
     is_safe_local_part,
     parse_signature_list,
 )
-from dkproxy.keys import KeyCache, KeyLoadError, SigningKey
-from dkproxy.message import Address
+from dkproxy.mailauth.addresses import DomainError, canonical_domain, canonical_domain_or_none
+from dkproxy.mailauth.keys import KeyCache, KeyLoadError, SigningKey
+from dkproxy.mailauth.message import Address
 
 SignatureKind = Literal["dkim", "domainkeys", "arc"]
 
@@ -317,7 +317,7 @@ class SigningPolicy:
     ) -> Selection:
         """Decide the signatures for a message with this sender (Sender/From) and List-Id.
 
-        `sender` has its domain in A-labels (dkproxy.addresses), as every rule has; without
+        `sender` has its domain in A-labels (dkproxy.mailauth.addresses), as every rule has; without
         a sender, `no_sender` says why (it becomes the reason when nothing is signed).
         """
         no_sender = no_sender or "no sender address (no usable Sender or From header)"

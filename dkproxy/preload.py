@@ -47,8 +47,8 @@ def preload() -> None:
     Raises nothing that a missing optional piece could cause; a real failure (the public
     suffix list unreadable even now) propagates and stops the start with its reason.
     """
-    from dkproxy import dmarc
-    from dkproxy.addresses import canonical_domain, parse_mailboxes
+    from dkproxy.mailauth import dmarc
+    from dkproxy.mailauth.addresses import canonical_domain, parse_mailboxes
 
     modules = sum(_import_all(name) for name in _LAZY_PACKAGES)
     for name in set(encodings.aliases.aliases.values()) | {"punycode", "idna"}:

@@ -36,15 +36,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dkproxy import config as config_mod
-from dkproxy.authresults import (
+from dkproxy.inbound import InboundVerifier
+from dkproxy.mailauth.authresults import (
     authentication_results,
     forged_authentication_results,
     header_byte_ranges,
 )
-from dkproxy.dnsresolver import Resolver
-from dkproxy.inbound import InboundVerifier
-from dkproxy.keys import KeyLoadError, SigningKey, load_signing_key
-from dkproxy.message import Address, Message, MessageFormatError
+from dkproxy.mailauth.dnsresolver import Resolver
+from dkproxy.mailauth.keys import KeyLoadError, SigningKey, load_signing_key
+from dkproxy.mailauth.message import Address, Message, MessageFormatError
+from dkproxy.mailauth.verifier import VerificationReport, VerifySettings, decide, verify_message
+from dkproxy.outbound import OutboundSigner
 from dkproxy.policy import Selection, SignatureSpec, SigningPolicy
 from dkproxy.qmail_client import (
     EXIT_CONFIG_ERROR,
@@ -55,8 +57,6 @@ from dkproxy.qmail_client import (
     EXIT_POLICY_TEMPFAIL,
 )
 from dkproxy.qmail_letters import dk_letters, dkim_letters, letters_verdict, status_fields
-from dkproxy.signer import OutboundSigner
-from dkproxy.verifier import VerificationReport, VerifySettings, decide, verify_message
 
 QMAIL_CONTROL = "/var/qmail/control"
 DEFAULT_DK_KEY = f"{QMAIL_CONTROL}/domainkeys/%/private"

@@ -20,7 +20,7 @@ The legacy `DomainKey-Status:` and `DKIM-Status:` fields carry the same verdicts
 
 from __future__ import annotations
 
-from dkproxy.verifier import SignatureResult, VerificationReport
+from dkproxy.mailauth.verifier import SignatureResult, VerificationReport
 
 #: qmail-dk / qmail-dkim exit codes for a refusing letter (upper case, lower case).
 PERMANENT = 13

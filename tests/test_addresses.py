@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dkproxy.addresses import DomainError, canonical_domain, parse_mailboxes
-from dkproxy.message import Message
+from dkproxy.mailauth.addresses import DomainError, canonical_domain, parse_mailboxes
+from dkproxy.mailauth.message import Message
 from tests.support.dnsserver import DNSServer
 from tests.support.proxy import ProxyProcess
 from tests.support.sink import CaptureServer

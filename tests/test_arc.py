@@ -18,8 +18,8 @@ import authres
 import dkim
 import pytest
 
-from dkproxy import arc
-from dkproxy.message import Message
+from dkproxy.mailauth import arc
+from dkproxy.mailauth.message import Message
 from tests.support.client import RawClient
 from tests.support.dnsserver import DNSServer
 from tests.support.proxy import ProxyProcess, run_dkproxy
@@ -494,9 +494,9 @@ def test_check_config_shows_arc_settings(tmp_path: Path, key_dir: KeySet) -> Non
 
 
 def test_arc_clause_and_override_render_and_parse() -> None:
-    from dkproxy.authresults import authentication_results
-    from dkproxy.dmarc import DmarcRecord, DmarcResult
-    from dkproxy.verifier import VerificationReport
+    from dkproxy.mailauth.authresults import authentication_results
+    from dkproxy.mailauth.dmarc import DmarcRecord, DmarcResult
+    from dkproxy.mailauth.verifier import VerificationReport
 
     chain = arc.ArcResult("pass", instances=2, sealers=("a.example", "b.example"),
                           selectors=("s1", "s2"), oldest_pass=0)  # fmt: skip
@@ -570,7 +570,7 @@ def test_mutated_chains_never_raise_and_mostly_fail(dns_server: DNSServer, keys:
     import asyncio
     import random
 
-    from dkproxy.dnsresolver import Resolver
+    from dkproxy.mailauth.dnsresolver import Resolver
 
     two = hop(hop(signed(keys), "forwarder1.example", keys, dns_server, tool="dkimpy"),
               "list.example", keys, dns_server, tool="dkimpy")  # fmt: skip
@@ -600,7 +600,7 @@ def test_mutated_chains_never_raise_and_mostly_fail(dns_server: DNSServer, keys:
 
 def test_arc_options_and_actions() -> None:
     from dkproxy.config import parse_proxy_command
-    from dkproxy.verifier import VerificationReport, VerifySettings, decide
+    from dkproxy.mailauth.verifier import VerificationReport, VerifySettings, decide
 
     cfg = parse_proxy_command("in", ["--no-arc", "--arc_trusted_sealers=a.example, B.example"])
     assert cfg.arc is False and cfg.arc_trusted_sealers == ["a.example", "b.example"]

@@ -7,19 +7,19 @@ import re
 import authres
 import pytest
 
-from dkproxy.authresults import (
+from dkproxy.inbound import assemble_inbound
+from dkproxy.mailauth.authresults import (
     authentication_results,
     claimed_authserv_id,
     forged_authentication_results,
     header_byte_ranges,
 )
-from dkproxy.dmarc import DmarcRecord, DmarcResult
-from dkproxy.inbound import assemble_inbound
-from dkproxy.message import Message
-from dkproxy.session import Outcome
+from dkproxy.mailauth.dmarc import DmarcRecord, DmarcResult
+from dkproxy.mailauth.message import Message
+from dkproxy.mailauth.spf import SpfResult
+from dkproxy.mailauth.verifier import SignatureResult, VerificationReport
+from dkproxy.smtp.proxy import Outcome
 from dkproxy.smtp.spool import Spool
-from dkproxy.spf import SpfResult
-from dkproxy.verifier import SignatureResult, VerificationReport
 
 AUTHSERV = "mx.ar.test"
 

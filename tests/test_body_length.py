@@ -17,7 +17,7 @@ import authres
 import dkim
 import pytest
 
-from dkproxy.bodylength import canonical_body_length, uncovered_body
+from dkproxy.mailauth.bodylength import canonical_body_length, uncovered_body
 from tests.support.client import RawClient
 from tests.support.dnsserver import DNSServer
 from tests.support.proxy import ProxyProcess

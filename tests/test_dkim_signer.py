@@ -9,9 +9,9 @@ import dkim
 import pytest
 from dkim.canonicalization import CanonicalizationPolicy
 
-from dkproxy.dkim_signer import DKIMParams, DKIMSignError, body_hash, header_list, sign
-from dkproxy.keys import SigningKey, load_signing_key
-from dkproxy.message import Message
+from dkproxy.mailauth.dkim_signer import DKIMParams, DKIMSignError, body_hash, header_list, sign
+from dkproxy.mailauth.keys import SigningKey, load_signing_key
+from dkproxy.mailauth.message import Message
 from tests.support.testkeys import make_ed25519_key, make_rsa_key
 
 PIECES = [b"a", b"b ", b" ", b"\t", b"  x", b"\r\n", b"\r\n", b"\r\n\r\n", b".", b"\n", b"\r",

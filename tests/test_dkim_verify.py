@@ -15,11 +15,11 @@ from collections.abc import Callable
 import dkim
 import pytest
 
-from dkproxy import dkim_verify
-from dkproxy.dkim_canon import MessageHashes, strip_b
-from dkproxy.dkim_signer import DKIMParams, sign
-from dkproxy.keys import load_signing_key
-from dkproxy.message import Message
+from dkproxy.mailauth import dkim_verify
+from dkproxy.mailauth.dkim_canon import MessageHashes, strip_b
+from dkproxy.mailauth.dkim_signer import DKIMParams, sign
+from dkproxy.mailauth.keys import load_signing_key
+from dkproxy.mailauth.message import Message
 from tests.support.testkeys import KeySet, TestKey
 from tests.test_verifier import dkimpy_sign
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dkproxy.authors import author_domains
-from dkproxy.message import Message
+from dkproxy.mailauth.authors import author_domains
+from dkproxy.mailauth.message import Message
 from tests.support.client import RawClient
 from tests.support.dnsserver import DNSServer
 from tests.support.proxy import ProxyProcess
@@ -207,8 +207,8 @@ def test_author_domains_of_each_shape() -> None:
 
 
 def test_decide_takes_the_most_severe_verdict_of_any_author_domain() -> None:
-    from dkproxy.dmarc import DmarcResult
-    from dkproxy.verifier import VerificationReport, VerifySettings, decide
+    from dkproxy.mailauth.dmarc import DmarcResult
+    from dkproxy.mailauth.verifier import VerificationReport, VerifySettings, decide
 
     reject = DmarcResult("fail", VICTIM, policy="reject", reason="no aligned DKIM or SPF pass")
     weak = DmarcResult("fail", ATTACKER, policy="none", reason="no aligned DKIM or SPF pass")

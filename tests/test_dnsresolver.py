@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dkproxy.dnsresolver import DnsAnswer, Resolver, ResolverConfig, parse_servers
+from dkproxy.mailauth.dnsresolver import DnsAnswer, Resolver, ResolverConfig, parse_servers
 from tests.support.dnsserver import DNSServer
 
 

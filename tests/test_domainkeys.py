@@ -20,9 +20,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from dkproxy import domainkeys as dk
-from dkproxy.keys import load_signing_key, public_p_value
-from dkproxy.message import Message
+from dkproxy.mailauth import domainkeys as dk
+from dkproxy.mailauth.keys import load_signing_key, public_p_value
+from dkproxy.mailauth.message import Message
 from tests.support.dnsserver import DNSServer
 from tests.support.testkeys import KeySet
 from tests.support.tools import require_perl_module

@@ -21,12 +21,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dkproxy import authresults, dnscheck, verifier
-from dkproxy import domainkeys as dk
-from dkproxy.dmarc import DmarcRecord, DmarcRecordError, DmarcResult, parse_record
-from dkproxy.keys import load_signing_key, public_p_value
-from dkproxy.message import Message, MessageFormatError
-from dkproxy.spf import SpfResult
+from dkproxy.mailauth import authresults, verifier
+from dkproxy.mailauth import domainkeys as dk
+from dkproxy.mailauth.dmarc import DmarcRecord, DmarcRecordError, DmarcResult, parse_record
+from dkproxy.mailauth.keys import load_signing_key, public_p_value
+from dkproxy.mailauth.message import Message, MessageFormatError
+from dkproxy.mailauth.spf import SpfResult
+from dkproxy.tools import dnscheck
 from tests.support.testkeys import make_rsa_key
 from tests.support.tools import require_perl_module
 from tests.support.verifiers import PERL_HELPER

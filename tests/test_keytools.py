@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from dkproxy import keytools
-from dkproxy.keygen import split_txt
-from dkproxy.keys import load_signing_key
+from dkproxy.mailauth.keys import load_signing_key
+from dkproxy.tools import keytools
+from dkproxy.tools.keygen import split_txt
 from tests.support.dnsserver import DNSServer
 from tests.support.proxy import ProxyProcess, run_dkproxy
 from tests.support.sink import SmtpSink
@@ -769,7 +769,7 @@ def test_key_forms_nobody_loads_are_refused_naming_file_and_format(tmp_path: Pat
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-    from dkproxy.keys import KeyLoadError
+    from dkproxy.mailauth.keys import KeyLoadError
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ec_key = ec.generate_private_key(ec.SECP256R1())

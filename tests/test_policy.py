@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkproxy.config import ConfigError, OutboundConfig, load_config_file, parse_proxy_command
-from dkproxy.keys import KeyCache
-from dkproxy.message import Address, Message
+from dkproxy.mailauth.keys import KeyCache
+from dkproxy.mailauth.message import Address, Message
 from dkproxy.policy import Selection, SigningPolicy
 
 #: A throw-away 512-bit RSA key (cryptography refuses to generate one): signing with it must

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from dkproxy import spf as spf_module
-from dkproxy.dnsresolver import Resolver
-from dkproxy.spf import SpfResult, check_spf
+from dkproxy.mailauth import spf as spf_module
+from dkproxy.mailauth.dnsresolver import Resolver
+from dkproxy.mailauth.spf import SpfResult, check_spf
 from tests.support.dnsserver import DNSServer
 from tests.support.sink import CaptureServer
 from tests.support.testkeys import KeySet, dns_record

@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dkproxy import config
-from dkproxy.addresses import canonical_domain, parse_mailboxes
-from dkproxy.dnsresolver import DnsAnswer, Resolver
-from dkproxy.message import Message, MessageFormatError
-from dkproxy.signer import OutboundSigner
-from dkproxy.verifier import VerifySettings, decide, verify_message
+from dkproxy.mailauth.addresses import canonical_domain, parse_mailboxes
+from dkproxy.mailauth.dnsresolver import DnsAnswer, Resolver
+from dkproxy.mailauth.message import Message, MessageFormatError
+from dkproxy.mailauth.verifier import VerifySettings, decide, verify_message
+from dkproxy.outbound import OutboundSigner
 from tests.support.dnsserver import DNSServer
 from tests.support.sink import CaptureServer
 from tests.support.testkeys import make_rsa_key

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from dkproxy.authresults import authentication_results
-from dkproxy.dmarc import (
+from dkproxy.mailauth.authresults import authentication_results
+from dkproxy.mailauth.dmarc import (
     AuthenticatedDomain,
     DmarcRecordError,
     aligned,
@@ -16,10 +16,10 @@ from dkproxy.dmarc import (
     organizational_domain,
     parse_record,
 )
-from dkproxy.dnsresolver import Resolver
-from dkproxy.message import Message
-from dkproxy.spf import SpfResult, check_spf
-from dkproxy.verifier import VerifySettings, decide, verify_message
+from dkproxy.mailauth.dnsresolver import Resolver
+from dkproxy.mailauth.message import Message
+from dkproxy.mailauth.spf import SpfResult, check_spf
+from dkproxy.mailauth.verifier import VerifySettings, decide, verify_message
 from tests.support.dnsserver import DNSServer
 from tests.support.testkeys import KeySet
 from tests.test_authresults import parse_ar

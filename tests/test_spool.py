@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from dkproxy.dkim_signer import body_hash
-from dkproxy.message import Message
+from dkproxy.mailauth.dkim_signer import body_hash
+from dkproxy.mailauth.message import Message
 from dkproxy.smtp.downstream import dot_stuffed
 from dkproxy.smtp.spool import Spool
 

@@ -16,7 +16,7 @@ import dns.query
 import dns.rcode
 import pytest
 
-from dkproxy.keys import KeyLoadError, load_signing_key
+from dkproxy.mailauth.keys import KeyLoadError, load_signing_key
 from tests.support.dnsserver import DNSServer, NetnsJob, ZoneTextError, split_txt
 from tests.support.sink import CaptureServer, SmtpSink, header_value
 from tests.support.testkeys import KeySet

@@ -19,13 +19,13 @@ import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from dkproxy.authresults import authentication_results
-from dkproxy.dmarc import DmarcResult
-from dkproxy.dnsresolver import Resolver
-from dkproxy.domainkeys import DKPolicy
-from dkproxy.message import Message
-from dkproxy.spf import SpfResult
-from dkproxy.verifier import (
+from dkproxy.mailauth.authresults import authentication_results
+from dkproxy.mailauth.dmarc import DmarcResult
+from dkproxy.mailauth.dnsresolver import Resolver
+from dkproxy.mailauth.domainkeys import DKPolicy
+from dkproxy.mailauth.message import Message
+from dkproxy.mailauth.spf import SpfResult
+from dkproxy.mailauth.verifier import (
     DKPolicyResult,
     SignatureResult,
     VerificationReport,
@@ -559,7 +559,7 @@ def test_internal_error_costs_one_signature_only(
     def broken(*args: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr("dkproxy.verifier.dk.verify_with_key", broken)
+    monkeypatch.setattr("dkproxy.mailauth.verifier.dk.verify_with_key", broken)
     report = verify(signed.replace(b"Received:", dk_field + b"Received:", 1), clean_dns)
     assert [(s.method, s.result) for s in report.signatures] == [
         ("dkim", "pass"),

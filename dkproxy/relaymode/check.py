@@ -19,9 +19,9 @@ def is_relay_file(path: str) -> bool:
 def check_relay_config(path: str, args: argparse.Namespace, out: TextIO) -> int:
     """Load `path` with its credentials, map, keys and certificate; print the summary.
     Exit status 0 usable, 1 not (the error first, as "FILE: key: message")."""
-    from dkproxy import dnscheck
-    from dkproxy.keytools import describe_signing
     from dkproxy.policy import SigningPolicy
+    from dkproxy.tools import dnscheck
+    from dkproxy.tools.keytools import describe_signing
 
     try:
         cfg = load_relay_config(path)

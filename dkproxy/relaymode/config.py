@@ -122,7 +122,7 @@ class _RelayFile(BaseModel):
     limits: _Limits = Field(default_factory=_Limits)
     signing: dict[str, Any] = Field(default_factory=dict)
     daemon: _Daemon = Field(default_factory=_Daemon)
-    log: base._TomlLog = Field(default_factory=base._TomlLog)
+    log: base.TomlLog = Field(default_factory=base.TomlLog)
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def load_relay_config(path: str) -> RelayConfig:
     key and credential files exist, and validates the [signing] table as `dkproxy out`
     would (key files and maps are loaded later by the signer, with the same errors).
     """
-    text = base._read_text(path)
+    text = base.read_text(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -238,7 +238,7 @@ def load_relay_config(path: str) -> RelayConfig:
     try:
         doc = _RelayFile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(path, None, base._format_validation_error(exc, _RelayFile)) from None
+        raise ConfigError(path, None, base.format_validation_error(exc, _RelayFile)) from None
     folder = os.path.dirname(os.path.abspath(path))
 
     def rel(value: str | None) -> str | None:
@@ -397,12 +397,12 @@ def _signing_config(path: str, table: dict[str, Any]) -> OutboundConfig:
                 path, None, f"signing.{name}: unknown key (allowed: {', '.join(SIGNING_KEYS)})"
             )
     try:
-        doc = base._TomlOut.model_validate({**table, "mode": "out"})
+        doc = base.TomlOut.model_validate({**table, "mode": "out"})
     except ValidationError as exc:
-        message = base._format_validation_error(exc, base._TomlOut)
+        message = base.format_validation_error(exc, base.TomlOut)
         raise ConfigError(path, None, f"signing.{message}") from None
     # The converter resolves relative file names against the directory of the name it is
     # given and puts that name in every location; ": signing" names the table in both.
     label = f"{path}: signing"
-    values = base._toml_values(label, doc)
-    return base._build("out", values, [label])  # type: ignore[return-value]
+    values = base.toml_values(label, doc)
+    return base.build_config("out", values, [label])  # type: ignore[return-value]

@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
-from dkproxy.message import Buffer, Message, MessageFormatError
-from dkproxy.session import Envelope, Outcome, Proxy
-from dkproxy.signer import assemble
+from dkproxy.mailauth.message import Buffer, Message, MessageFormatError
+from dkproxy.outbound import assemble
 from dkproxy.smtp.downstream import DownstreamError, Reply, local_reply
-from dkproxy.smtp.listener import _MAIL_FROM, Listener, _address
+from dkproxy.smtp.listener import MAIL_FROM_PATH, Listener, path_address
+from dkproxy.smtp.proxy import Envelope, Outcome, Proxy
 
 if TYPE_CHECKING:
     from dkproxy.relaymode.state import RelayService, RelayState
@@ -289,11 +289,11 @@ class RelayListener(Listener):
             await self.push("503 5.5.1 Error: send HELO/EHLO first")
             return
         # The address checked is the one the Listener records and relays (same parser).
-        match = _MAIL_FROM.match(arg or "")
+        match = MAIL_FROM_PATH.match(arg or "")
         if match is None:
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
             return
-        address = _address(match.group(1))
+        address = path_address(match.group(1))
         state = self.service.state
         login = self.login
         if login is None and not state.may_relay_without_auth(self.peer):

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dkproxy.config import ConfigError
+from dkproxy.outbound import OutboundSigner
 from dkproxy.relaymode.config import RelayConfig, load_relay_config
 from dkproxy.relaymode.credentials import Credentials, SenderLoginMap
 from dkproxy.relaymode.guard import ClientGuard
 from dkproxy.relaymode.listener import RelayLogic
 from dkproxy.relaymode.smarthost import Smarthost
 from dkproxy.relaymode.tls import load_certificate, server_context
-from dkproxy.signer import OutboundSigner
 from dkproxy.smtp.downstream import DownstreamPool
 from dkproxy.smtp.settings import SessionSettings
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dkproxy.message import Buffer
+from dkproxy.mailauth.message import Buffer
 from dkproxy.smtp.spool import Spool
 
 if TYPE_CHECKING:

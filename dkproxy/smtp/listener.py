@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, AnyStr, Protocol, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
-from dkproxy.message import break_long_lines, wire_line_ends
+from dkproxy.mailauth.message import break_long_lines, wire_line_ends
 from dkproxy.smtp.downstream import (
     CONTROL_OCTETS,
     Downstream,
@@ -52,8 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dkproxy.session")
 T = TypeVar("T")
 
-_MAIL_FROM = re.compile(r"FROM:\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | re.DOTALL)
-_RCPT_TO = re.compile(r"TO:\s*(<[^>]*>|[^\s<>]+)(.*)$", re.IGNORECASE | re.DOTALL)
+MAIL_FROM_PATH = re.compile(r"FROM:\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | re.DOTALL)
+RCPT_TO_PATH = re.compile(r"TO:\s*(<[^>]*>|[^\s<>]+)(.*)$", re.IGNORECASE | re.DOTALL)
 #: Extensions passed upstream when the downstream has them; everything else is withheld.
 RELAYED_EXTENSIONS = ("8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES", "XFORWARD")
 #: How much DATA is taken from the stream at a time at most (it is what has arrived).
@@ -118,7 +118,7 @@ def data_piece(piece: bytes, line_start: bool) -> bytes:
     return piece.replace(b"\r\n.", b"\r\n")
 
 
-def _address(token: str) -> str:
+def path_address(token: str) -> str:
     """The address of a MAIL/RCPT path, without angle brackets."""
     text = token.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return text[1:-1] if text.startswith("<") and text.endswith(">") else text
@@ -483,7 +483,7 @@ class Listener(SMTP):
             host = self.settings.hostname
             await self._close_with(f"421 4.7.0 {host} Error: too many messages in one session")
             return
-        match = _MAIL_FROM.match(arg or "")
+        match = MAIL_FROM_PATH.match(arg or "")
         line = b"MAIL " + _octets(arg)
         if match is None or _has_control(line):
             await self.push("501 5.5.4 Syntax: MAIL FROM:<address>")
@@ -501,7 +501,7 @@ class Listener(SMTP):
         if reply is None:
             return
         if reply.code == 250:
-            self.tx.mail_from = _address(match.group(1))
+            self.tx.mail_from = path_address(match.group(1))
             self.tx.mail_line = line
             self.tx.helo = self.helo
         await self.send_reply(reply)
@@ -516,7 +516,7 @@ class Listener(SMTP):
             # RFC 5321 4.5.3.1.8: a temporary 452, so the client sends the rest later.
             await self.send(b"452 4.5.3 Error: too many recipients\r\n")
             return
-        match = _RCPT_TO.match(arg or "")
+        match = RCPT_TO_PATH.match(arg or "")
         line = b"RCPT " + _octets(arg)
         if match is None or _has_control(line):
             await self.push("501 5.5.4 Syntax: RCPT TO:<address>")
@@ -525,7 +525,7 @@ class Listener(SMTP):
         if reply is None:
             return
         if reply.code in (250, 251):
-            self.tx.rcpt_to.append(_address(match.group(1)))
+            self.tx.rcpt_to.append(path_address(match.group(1)))
         await self.send_reply(reply)
 
     async def smtp_RSET(self, arg: str | None) -> None:

@@ -24,9 +24,9 @@ from typing import Any
 
 from dkproxy import metrics
 from dkproxy.daemon import AccessList, sd_notify
-from dkproxy.session import Assembler, Processor, Proxy
 from dkproxy.smtp.downstream import DownstreamPool, PoolPressure
 from dkproxy.smtp.listener import Listener
+from dkproxy.smtp.proxy import Assembler, Processor, Proxy
 from dkproxy.smtp.settings import SessionSettings
 
 log = logging.getLogger("dkproxy.server")

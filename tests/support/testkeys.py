@@ -113,7 +113,7 @@ def dns_record(path: str) -> str:
     loader refuses keys under 1024 bits, so those (deliberately short test keys) are encoded
     with dkproxy's `public_p_value` directly, in the same record format.
     """
-    from dkproxy.keys import KeyLoadError, load_signing_key, public_p_value
+    from dkproxy.mailauth.keys import KeyLoadError, load_signing_key, public_p_value
 
     try:
         return load_signing_key(path).dns_record

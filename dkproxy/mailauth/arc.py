@@ -32,14 +32,15 @@ from dkim import select_headers
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from dkproxy.config import ArcSealConfig, ConfigError
+
 from . import dmarc as dmarc_mod
-from .config import ArcSealConfig, ConfigError
 from .dkim_signer import DEFAULT_SIGNED_HEADERS, body_hash
 from .dnsresolver import Resolver, TxtResult
 from .keys import KeyLoadError, SigningKey, load_signing_key
 from .message import Message
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dkproxy.arc")
 ArcValue = Literal["pass", "fail", "none"]
 
 #: RFC 8617 4.2.1: at most 50 ARC Sets; a chain with more fails without any crypto.

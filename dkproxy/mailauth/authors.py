@@ -1,7 +1,7 @@
 """DMARC for every author domain of a message (RFC 7489 6.6.1), in A-labels (RFC 8616 s5).
 
 A message can name several authors: one From field with several mailboxes, several From
-fields, or a From field that the address parsers split differently (dkproxy.addresses takes
+fields, or a From field that the address parsers split differently (dkproxy.mailauth.addresses takes
 every mailbox either parser finds). RFC 7489 6.6.1 asks to run DMARC for each author domain
 and to apply the strictest policy among those that fail; several From fields are out of its
 scope. dkproxy's choice, safe in every shape: each author domain is evaluated on its own, and

@@ -20,9 +20,9 @@ import stat
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from dkproxy import dnscheck, keygen
 from dkproxy.config import ConfigError, InboundConfig, OutboundConfig, load_config_file
-from dkproxy.keys import SigningKey
+from dkproxy.mailauth.keys import SigningKey
+from dkproxy.tools import dnscheck, keygen
 
 if TYPE_CHECKING:
     from dkproxy.policy import SigningPolicy
@@ -100,7 +100,7 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
         cfg = load_config_file(path, args.mode)
         policy = SigningPolicy.from_config(cfg) if isinstance(cfg, OutboundConfig) else None
         if cfg.arc_seal is not None:
-            from dkproxy.arc import load_seal_params
+            from dkproxy.mailauth.arc import load_seal_params
 
             load_seal_params(cfg.arc_seal)  # the daemon refuses to start on a bad key too
     except ConfigError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, Relaxed, Simple
 
-from dkproxy.message import Message
+from dkproxy.mailauth.message import Message
 
 #: dkim.RE_BTAG's language: "b", FWS, "=", base64 with FWS between characters, and a final
 #: CRLF when the value ends the field.

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
-from dkproxy.dkim_canon import MessageHashes
-from dkproxy.keys import SigningKey
-from dkproxy.message import BODY_CHUNK, Message
+from dkproxy.mailauth.dkim_canon import MessageHashes
+from dkproxy.mailauth.keys import SigningKey
+from dkproxy.mailauth.message import BODY_CHUNK, Message
 
 #: Signed when present (RFC 6376 section 5.4.1's list, plus MIME and List-* fields).
 DEFAULT_SIGNED_HEADERS: tuple[str, ...] = (

@@ -33,7 +33,7 @@ import spf as pyspf
 from .addresses import canonical_domain_or_none
 from .dnsresolver import DnsAnswer, Resolver
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dkproxy.spf")
 
 SpfValue = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
 SpfScope = Literal["mailfrom", "helo"]

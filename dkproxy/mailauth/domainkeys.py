@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
-from dkproxy.message import Message
+from dkproxy.mailauth.message import Message
 
 FIELD_NAME = "DomainKey-Signature"
 CANONICALIZATIONS = ("nofws", "simple")

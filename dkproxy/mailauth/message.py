@@ -13,7 +13,7 @@ import mmap
 import re
 from collections.abc import Iterator
 
-from dkproxy.addresses import Address, parse_mailboxes
+from dkproxy.mailauth.addresses import Address, parse_mailboxes
 
 #: What a message can be read from: memory, or a spool file's read-only mmap.
 Buffer = bytes | bytearray | mmap.mmap
@@ -143,8 +143,8 @@ class Message:
         """(Sender's first usable mailbox, else From's; or None and why none was usable).
 
         Mail::DKIM's message_sender: the last Sender field, else the last From field. Any
-        mailbox RFC 5322 3.4.1 or RFC 6532 allows counts (see dkproxy.addresses); its domain
-        is in A-labels.
+        mailbox RFC 5322 3.4.1 or RFC 6532 allows counts (see dkproxy.mailauth.addresses); its
+        domain is in A-labels.
         """
         problems: list[str] = []
         for name in ("Sender", "From"):

@@ -27,7 +27,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dkproxy.dnsresolver")
 
 DnsStatus = Literal["ok", "nxdomain", "nodata", "temperror"]
 

@@ -7,7 +7,7 @@ The work is split so that DNS never blocks the event loop and crypto never waits
    concurrently through the shared caching `Resolver`;
 3. signatures are verified with the fetched records: DKIM by dkimpy (its canonicalization and
    verification, fed from the prefetched records through its `dnsfunc` hook), DomainKeys by
-   `dkproxy.domainkeys`.
+   `dkproxy.mailauth.domainkeys`.
 
 The report is plain data; `authresults` turns it into a header and `decide` into an SMTP
 verdict, so the SMTP layer needs neither DKIM nor DNS knowledge.
@@ -43,8 +43,8 @@ from .dnsresolver import Resolver, TxtResult
 from .message import Message
 from .spf import SpfResult, start_spf_check
 
-log = logging.getLogger(__name__)
-_dkimpy_log = logging.getLogger(__name__ + ".dkimpy")
+log = logging.getLogger("dkproxy.verifier")
+_dkimpy_log = logging.getLogger("dkproxy.verifier.dkimpy")
 
 Method = Literal["dkim", "domainkeys"]
 #: RFC 8601 result words for dkim= and domainkeys= (plus "none" for unsigned mail).
@@ -79,7 +79,7 @@ class VerifySettings:
     #: follows it; the proxy's configuration (allow_sha1) decides, see config.InboundConfig.
     allow_sha1: bool = False
     #: Let a signature pass although its l= leaves canonical body bytes unsigned (RFC 6376
-    #: 8.2); off (the default) gives it dkim=policy, see dkproxy.bodylength.
+    #: 8.2); off (the default) gives it dkim=policy, see dkproxy.mailauth.bodylength.
     allow_body_length: bool = False
     #: Several TXT records at one selector: try at most this many (RFC 6376 3.6.2.2).
     max_key_records: int = 3
@@ -160,7 +160,8 @@ class VerificationReport:
     #: The SMTP client's address (XFORWARD ADDR, else the peer), for smtp.remote-ip.
     client_ip: str | None = None
     elapsed: float = 0.0
-    #: DMARC per author domain, strictest first (`dmarc` is the first); see dkproxy.authors.
+    #: DMARC per author domain, strictest first (`dmarc` is the first);
+    #: see dkproxy.mailauth.authors.
     dmarc_authors: list[dmarc_mod.DmarcResult] = field(default_factory=list)
     #: Set when a From field is present but gives no author domain DMARC can evaluate.
     author_problem: str = ""
@@ -797,7 +798,7 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
       DomainKeys signature passed and one hit a temperror, or DMARC itself is temperror.
     - `settings.actions` ("method.result" -> action, see `matched_actions`); the most severe
       matching action wins.
-    With several author domains (dkproxy.authors) the verdict is the most severe of those
+    With several author domains (dkproxy.mailauth.authors) the verdict is the most severe of those
     each author domain's DMARC result alone gives. Under reject_fail, a From field without
     any author domain DMARC can evaluate, or with a mailbox whose domain cannot be used
     beside usable ones, is rejected (the safe result: RFC 7489 6.6.1 leaves such messages

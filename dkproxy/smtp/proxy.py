@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from dkproxy import metrics
-from dkproxy.message import Buffer
+from dkproxy.mailauth.message import Buffer
 from dkproxy.smtp.downstream import Downstream, DownstreamError, Part, Reply, local_reply
 from dkproxy.smtp.limits import Refusal
 from dkproxy.smtp.spool import Spool

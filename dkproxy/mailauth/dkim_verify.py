@@ -32,7 +32,7 @@ from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizatio
 from dkim.crypto import HASH_ALGORITHMS, DigestTooLargeError, RSASSA_PKCS1_v1_5_verify
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from dkproxy.dkim_canon import MessageHashes
+from dkproxy.mailauth.dkim_canon import MessageHashes
 
 #: DER DigestInfo prefixes with the NULL parameter, as dkimpy builds them (RFC 8017 9.2).
 _DIGEST_INFO = {

@@ -19,11 +19,12 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from dkproxy import config, domainkeys
-from dkproxy.keys import load_signing_key
-from dkproxy.message import Message
+from dkproxy import config
+from dkproxy.mailauth import domainkeys
+from dkproxy.mailauth.keys import load_signing_key
+from dkproxy.mailauth.message import Message
+from dkproxy.outbound import OutboundSigner, assemble
 from dkproxy.policy import SigningPolicy
-from dkproxy.signer import OutboundSigner, assemble
 from dkproxy.smtp.downstream import Downstream, DownstreamSettings
 from dkproxy.smtp.server import ProxyServer
 from dkproxy.smtp.settings import SessionSettings

@@ -40,8 +40,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkproxy.config import ConfigError, OutboundConfig, is_domain, load_config_file
-from dkproxy.dnsresolver import Resolver, TxtResult
-from dkproxy.keys import MIN_RSA_BITS, KeyLoadError, SigningKey, load_signing_key
+from dkproxy.mailauth.dnsresolver import Resolver, TxtResult
+from dkproxy.mailauth.keys import MIN_RSA_BITS, KeyLoadError, SigningKey, load_signing_key
 
 Status = Literal[
     "ok",

@@ -8,12 +8,13 @@ with an explicit h= a DKIM-Signature below it is not among them, so both verify.
 
 from __future__ import annotations
 
-from dkproxy import arc, dkim_signer, domainkeys, metrics
+from dkproxy import metrics
 from dkproxy.config import OutboundConfig
-from dkproxy.message import Buffer, Message, MessageFormatError
+from dkproxy.mailauth import arc, dkim_signer, domainkeys
+from dkproxy.mailauth.message import Buffer, Message, MessageFormatError
 from dkproxy.policy import SignatureSpec, SigningPolicy
-from dkproxy.session import Envelope, Outcome
 from dkproxy.smtp.downstream import Part, local_reply
+from dkproxy.smtp.proxy import Envelope, Outcome
 from dkproxy.smtp.spool import Spool
 
 SIGNING_ERROR_REPLY = "4.3.0 Error: message could not be signed, try again later"

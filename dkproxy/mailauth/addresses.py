@@ -211,7 +211,7 @@ def _parse_mailboxes(value: str) -> Mailboxes:
         unreadable = True  # getaddresses did not find a mailbox in their place either
     if unreadable:
         # What a reader sees as a mailbox may be one no parser could read: say so, so that
-        # DMARC callers treat the field as having an unusable author (dkproxy.authors).
+        # DMARC callers treat the field as having an unusable author (dkproxy.mailauth.authors).
         found.problems.append(f"{_shown(value)} does not parse as an RFC 5322 address list")
     if not found.addresses and not found.problems:
         found.problems.append("no mailbox")

@@ -19,7 +19,7 @@ from publicsuffix2 import PublicSuffixList
 from .addresses import canonical_domain_or_none
 from .dnsresolver import Resolver
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dkproxy.dmarc")
 
 DmarcValue = Literal["pass", "fail", "none", "temperror", "permerror"]
 Policy = Literal["none", "quarantine", "reject"]

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from dkproxy.config import check_selector, is_domain
-from dkproxy.keys import KeyKind, PrivateKey, public_p_value
+from dkproxy.mailauth.keys import KeyKind, PrivateKey, public_p_value
 
 #: RFC 1035: a TXT character-string holds at most 255 bytes.
 MAX_TXT_STRING = 255

@@ -1,0 +1,1 @@
+"""Administration tools: keygen, dnscheck, check-config (keytools) and the demo."""
