@@ -126,25 +126,17 @@ def user_ids(user: str | None, group: str | None) -> tuple[int, int] | None:
 
 def drop_privileges(user: str | None, group: str | None, chroot: str | None = None) -> None:
     """chroot, then setgid/setuid; errors name the user/group and stop the start."""
-    uid = gid = None
-    if user:
-        try:
-            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
-            raise SystemExit(f"dkproxy: user {user!r} does not exist") from None
-        uid, gid = entry.pw_uid, entry.pw_gid
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
-        except KeyError:
-            raise SystemExit(f"dkproxy: group {group!r} does not exist") from None
+    ids = user_ids(user, group)  # looked up before the chroot hides /etc/passwd
     if chroot:
         os.chroot(chroot)
         os.chdir("/")
-    if gid is not None and os.getegid() != gid:
+    if ids is None:
+        return
+    uid, gid = ids
+    if os.getegid() != gid:
         os.setgroups([gid])
         os.setgid(gid)
-    if uid is not None and os.geteuid() != uid:
+    if os.geteuid() != uid:
         os.setuid(uid)
         log.info("running as uid %d gid %d", os.getuid(), os.getgid())
 
