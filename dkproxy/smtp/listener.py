@@ -287,8 +287,18 @@ class Listener(SMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug of ours: log it, answer 421 and end the session (never a traceback to the
-        client, never a half-done transaction)."""
-        log.exception("client=%s internal error; closing the session", self.peer)
+        client, never a half-done transaction). A client that closed mid-command is just gone.
+
+        aiosmtpd's command loop calls this and goes round again; a reader at EOF raises again
+        at once without waiting, so the loop would spin without ever letting the event loop run
+        (seen once: a worker at 100% CPU that no longer stopped). Yielding here lets a pending
+        hang-up cancel the session and connection_lost end the loop.
+        """
+        await asyncio.sleep(0)
+        if isinstance(error, asyncio.IncompleteReadError | ConnectionError):
+            log.debug("client=%s gone: %r", self.peer, error)
+        else:
+            log.exception("client=%s internal error; closing the session", self.peer)
         self._spent = True
         return "421 4.3.0 internal error, try again later"
 
