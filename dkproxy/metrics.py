@@ -25,13 +25,35 @@ import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-if TYPE_CHECKING:
-    from dkproxy.mailauth.dnsresolver import CacheStats
-    from dkproxy.smtp.downstream import Reply
-    from dkproxy.smtp.proxy import Outcome
+
+# Metrics sit below the SMTP layer and mail authentication (which call them), so they name
+# what they read of their objects instead of importing their classes.
+class Outcome(Protocol):
+    """What metrics read of a processor's decision (dkproxy.smtp.proxy.Outcome)."""
+
+    @property
+    def prepend(self) -> list[bytes]: ...
+
+
+class Reply(Protocol):
+    """What metrics read of an SMTP reply (dkproxy.smtp.downstream.Reply)."""
+
+    @property
+    def code(self) -> int: ...
+
+
+class CacheStats(Protocol):
+    """What metrics read of the resolver's counters (dkproxy.mailauth.dnsresolver.CacheStats)."""
+
+    @property
+    def hits(self) -> int: ...
+
+    @property
+    def misses(self) -> int: ...
+
 
 log = logging.getLogger("dkproxy.metrics")
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dkproxy.mailauth.message import break_long_lines, wire_line_ends
+from dkproxy.smtp.lines import break_long_lines, wire_line_ends
 from tests.support.client import RawClient
 from tests.support.dnsserver import DNSServer
 from tests.support.postfix import PostfixInstance

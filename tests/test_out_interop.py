@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dkproxy.mailauth.message import break_long_lines
+from dkproxy.smtp.lines import break_long_lines
 from tests.support.dnsserver import DNSServer
 from tests.support.proxy import ProxyProcess
 from tests.support.sink import SmtpSink

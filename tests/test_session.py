@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dkproxy.mailauth.message import break_long_lines
+from dkproxy.smtp.lines import break_long_lines
 from tests.support.client import RawClient
 from tests.support.proxy import ProxyProcess
 from tests.support.sink import CaptureServer, SmtpSink

@@ -32,7 +32,7 @@ from dkproxy.config.values import (
     parse_log_level,
     parse_size,
 )
-from dkproxy.mailauth.addresses import DomainError, canonical_domain
+from dkproxy.util.domains import DomainError, canonical_domain
 
 # ---------------------------------------------------------------------------------------------
 # Native TOML

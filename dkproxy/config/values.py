@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from dkproxy.mailauth.addresses import DomainError, canonical_domain
+from dkproxy.util.domains import DomainError, canonical_domain
 
 Mode = Literal["out", "in"]
 Action = Literal["accept", "tempfail", "reject"]

@@ -5,8 +5,8 @@ which knows quoted local parts, comments, groups, obsolete route and whitespace 
 RFC 6532 UTF-8), cross-checked with `email.utils.getaddresses`, which splits some malformed
 fields differently. Domains are compared in one form everywhere: lower-case A-labels (IDNA
 2008 with the UTS 46 mapping, through the `idna` package), as RFC 8616 asks for every DKIM,
-SPF and DMARC comparison. Configuration values go through the same function, so a U-label
-rule and an A-label sender (or the reverse) meet.
+SPF and DMARC comparison (`dkproxy.util.domains`, re-exported here). Configuration values go
+through the same function, so a U-label rule and an A-label sender (or the reverse) meet.
 """
 
 from __future__ import annotations
@@ -17,13 +17,9 @@ import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
-import idna
+from dkproxy.util.domains import DomainError, canonical_domain, canonical_domain_or_none
 
 _REGISTRY = email.headerregistry.HeaderRegistry()
-
-
-class DomainError(ValueError):
-    """A domain name that has no A-label form (empty label, disallowed code point ...)."""
 
 
 @dataclass(frozen=True)
@@ -48,42 +44,6 @@ class Mailboxes:
     def domains(self) -> list[str]:
         """The distinct domains, in order of appearance."""
         return list(dict.fromkeys(a.domain for a in self.addresses))
-
-
-def canonical_domain(name: str) -> str:
-    """The lower-case A-label form of a domain name, without a trailing dot.
-
-    U-labels are converted with UTS 46 mapping (RFC 5890/5891, RFC 8616); A-labels are checked
-    to decode. Raises DomainError for an empty name, an address literal (`[192.0.2.1]`) or a
-    name IDNA 2008 does not allow; ASCII names are otherwise only lower-cased (callers check
-    LDH syntax where they need it).
-    """
-    text = name.strip()
-    text = text[:-1] if text.endswith(".") else text
-    if not text:
-        raise DomainError("empty domain")
-    if text.startswith("["):
-        raise DomainError(f"{text} is an address literal, not a domain name")
-    try:
-        if text.isascii():
-            lowered = text.lower()
-            if "xn--" in lowered:
-                idna.decode(lowered)  # an A-label that does not decode is no domain name
-            return lowered
-        encoded = idna.encode(text, uts46=True).decode("ascii")
-        # UTS 46 maps the other full stops (U+3002, U+FF0E, U+FF61) to "."; a root dot
-        # written as one of them is a root dot all the same.
-        return encoded[:-1] if encoded.endswith(".") else encoded
-    except idna.IDNAError as exc:
-        raise DomainError(f"{text!r} is not a valid domain name ({exc})") from None
-
-
-def canonical_domain_or_none(name: str) -> str | None:
-    """`canonical_domain`, or None where it raises."""
-    try:
-        return canonical_domain(name)
-    except DomainError:
-        return None
 
 
 def canonical_address(text: str) -> str:
@@ -216,3 +176,14 @@ def _parse_mailboxes(value: str) -> Mailboxes:
     if not found.addresses and not found.problems:
         found.problems.append("no mailbox")
     return found
+
+
+__all__ = [
+    "Address",
+    "DomainError",
+    "Mailboxes",
+    "canonical_address",
+    "canonical_domain",
+    "canonical_domain_or_none",
+    "parse_mailboxes",
+]

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dkproxy.mailauth.message import Buffer
 from dkproxy.smtp.spool import Spool
+from dkproxy.util.buffer import Buffer
 
 if TYPE_CHECKING:
     from dkproxy.smtp.settings import SessionSettings

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, AnyStr, Protocol, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
-from dkproxy.mailauth.message import break_long_lines, wire_line_ends
 from dkproxy.smtp.downstream import (
     CONTROL_OCTETS,
     Downstream,
@@ -44,6 +43,7 @@ from dkproxy.smtp.downstream import (
     Reply,
 )
 from dkproxy.smtp.limits import Refusal, check_declared_size, check_received
+from dkproxy.smtp.lines import break_long_lines, wire_line_ends
 from dkproxy.smtp.spool import Spool
 
 if TYPE_CHECKING:

@@ -18,10 +18,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from dkproxy import metrics
-from dkproxy.mailauth.message import Buffer
 from dkproxy.smtp.downstream import Downstream, DownstreamError, Part, Reply, local_reply
 from dkproxy.smtp.limits import Refusal
 from dkproxy.smtp.spool import Spool
+from dkproxy.util.buffer import Buffer
 
 log = logging.getLogger("dkproxy.session")
 
