@@ -162,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(rest)
     if command == "relay":
-        from dkproxy.relaymode.server import main as relay_main
+        from dkproxy.relay.server import main as relay_main
 
         return relay_main(rest)
     if command == "passwd":
-        from dkproxy.relaymode.passwd import main as passwd_main
+        from dkproxy.relay.passwd import main as passwd_main
 
         return passwd_main(rest)
     if command in ("keygen", "dnscheck", "check-config"):

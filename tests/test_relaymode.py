@@ -771,7 +771,7 @@ def test_sighup_reloads_certificate_and_credentials(
 
 
 def test_passwd_adds_changes_and_deletes_logins(tmp_path: Path) -> None:
-    from dkproxy.relaymode.credentials import Credentials
+    from dkproxy.relay.credentials import Credentials
 
     path = str(tmp_path / "relay.passwd")
     add_login(path, "webapp", "first password here")
@@ -808,7 +808,7 @@ def test_credentials_file_refuses_what_is_not_a_hash(
     tmp_path: Path, line: str, message: str
 ) -> None:
     from dkproxy.config import ConfigError
-    from dkproxy.relaymode.credentials import Credentials
+    from dkproxy.relay.credentials import Credentials
 
     path = tmp_path / "relay.passwd"
     path.write_text(f"# logins\n{line}\n")
@@ -821,7 +821,7 @@ def test_credentials_file_refuses_what_is_not_a_hash(
 
 def test_sender_login_map_lookup(tmp_path: Path) -> None:
     from dkproxy.config import ConfigError
-    from dkproxy.relaymode.credentials import SenderLoginMap
+    from dkproxy.relay.credentials import SenderLoginMap
 
     path = tmp_path / "map"
     path.write_text(
@@ -904,7 +904,7 @@ def test_local_relay_without_auth_to_a_loopback_smarthost(
 
 def test_client_guard_windows_slide() -> None:
     """Counts are per client address and forgotten once their window has passed."""
-    from dkproxy.relaymode.guard import ClientGuard
+    from dkproxy.relay.guard import ClientGuard
 
     now = [1000.0]
     guard = ClientGuard(

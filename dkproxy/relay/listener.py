@@ -14,10 +14,10 @@ mechanisms). `RelayListener` adds what a submission relay decides:
   it would stop every session while one password is checked). A failure is answered 535
   after a per-client delay; too many failures get 421 and close the session (ClientGuard).
 * EHLO is answered here, with our own name to the smarthost and our own capabilities to the
-  client: the smarthost session opens only at the first MAIL (relaymode.smarthost).
+  client: the smarthost session opens only at the first MAIL (relay.smarthost).
 * who may relay: an authenticated client, a client in `clients.relay_without_auth`, or
   anyone when neither AUTH nor an allow list is configured (loopback listeners only, see
-  relaymode.config); others get 530 at MAIL.
+  config.relay); others get 530 at MAIL.
 * who may send as whom: the sender-login map checks MAIL FROM (553 at MAIL) and every
   From and Sender header address (553 at the end of DATA; Sender too, because the signer
   takes the Sender address when there is one).
@@ -53,7 +53,7 @@ from dkproxy.smtp.listener import MAIL_FROM_PATH, Listener, path_address
 from dkproxy.smtp.proxy import Envelope, Outcome, Proxy
 
 if TYPE_CHECKING:
-    from dkproxy.relaymode.state import RelayService, RelayState
+    from dkproxy.relay.state import RelayService, RelayState
 
 log = logging.getLogger("dkproxy.relay")
 
@@ -226,7 +226,7 @@ class RelayListener(Listener):
     # -- the smarthost session: opened at the first MAIL, QUIT at the end ---------------------
 
     async def _open_downstream(self) -> bool:
-        return True  # not before the greeting: see relaymode.smarthost
+        return True  # not before the greeting: see relay.smarthost
 
     def _release_downstream(self) -> None:
         downstream, self.downstream = self.downstream, None

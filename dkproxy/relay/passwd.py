@@ -12,7 +12,7 @@ import getpass
 import sys
 from typing import TextIO
 
-from dkproxy.relaymode.credentials import hash_password, is_valid_login, set_password
+from dkproxy.relay.credentials import hash_password, is_valid_login, set_password
 
 MIN_PASSWORD_LENGTH = 12
 

@@ -18,9 +18,9 @@ import sys
 
 from dkproxy import daemon
 from dkproxy.config import ConfigError
-from dkproxy.relaymode.config import RelayConfig, load_relay_config
-from dkproxy.relaymode.listener import RelayListener
-from dkproxy.relaymode.state import RelayService
+from dkproxy.config.relay import RelayConfig, load_relay_config
+from dkproxy.relay.listener import RelayListener
+from dkproxy.relay.state import RelayService
 from dkproxy.smtp.server import bind
 
 log = logging.getLogger("dkproxy.relay")

@@ -2,7 +2,7 @@
 
 `dkproxy.smtp.downstream.Downstream` passes `client_options` to `aiosmtplib.SMTP`: here
 `use_tls` (implicit TLS, RFC 8314) or `start_tls` (RFC 3207, required: a smarthost that does
-not offer STARTTLS is not used), our `tls_context` (relaymode.tls: system store or a CA
+not offer STARTTLS is not used), our `tls_context` (relay.tls: system store or a CA
 file, host name checked, TLS 1.2+) and `username`/`password`, so aiosmtplib's `connect()`
 does TLS, EHLO and AUTH before anything of the client's is sent.
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from dkproxy.relaymode.config import SmarthostConfig
-from dkproxy.relaymode.tls import client_context, describe_failure
+from dkproxy.config.relay import SmarthostConfig
+from dkproxy.relay.tls import client_context, describe_failure
 from dkproxy.smtp.downstream import DownstreamError, DownstreamSettings, local_reply
 
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dkproxy.config import ConfigError
+from dkproxy.config.relay import RelayConfig, load_relay_config
 from dkproxy.outbound import OutboundSigner
-from dkproxy.relaymode.config import RelayConfig, load_relay_config
-from dkproxy.relaymode.credentials import Credentials, SenderLoginMap
-from dkproxy.relaymode.guard import ClientGuard
-from dkproxy.relaymode.listener import RelayLogic
-from dkproxy.relaymode.smarthost import Smarthost
-from dkproxy.relaymode.tls import load_certificate, server_context
+from dkproxy.relay.credentials import Credentials, SenderLoginMap
+from dkproxy.relay.guard import ClientGuard
+from dkproxy.relay.listener import RelayLogic
+from dkproxy.relay.smarthost import Smarthost
+from dkproxy.relay.tls import load_certificate, server_context
 from dkproxy.smtp.downstream import DownstreamPool
 from dkproxy.smtp.settings import SessionSettings
 
@@ -102,7 +102,7 @@ class RelayService:
             command_timeout=cfg.command_timeout,
             max_message_size=cfg.max_message_size,
         )
-        # One smarthost session per client session (see relaymode.smarthost): the pool only
+        # One smarthost session per client session (see relay.smarthost): the pool only
         # counts them and QUITs them when given back.
         self.pool = DownstreamPool(self.state.smarthost.settings, size=0)
         self.logic = RelayLogic(self)

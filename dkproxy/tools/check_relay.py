@@ -8,8 +8,8 @@ import sys
 from typing import TextIO
 
 from dkproxy.config import ConfigError
-from dkproxy.relaymode.config import RelayConfig, load_relay_config, looks_like_relay_file
-from dkproxy.relaymode.state import RelayService
+from dkproxy.config.relay import RelayConfig, load_relay_config, looks_like_relay_file
+from dkproxy.relay.state import RelayService
 
 
 def is_relay_file(path: str) -> bool:

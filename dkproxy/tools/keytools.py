@@ -92,7 +92,7 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
     from dkproxy.policy import SigningPolicy
 
     path = args.file
-    from dkproxy.relaymode import check
+    from dkproxy.tools import check_relay as check
 
     if check.is_relay_file(path):
         return check.check_relay_config(path, args, out)
