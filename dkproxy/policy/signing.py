@@ -54,27 +54,21 @@ Deliberate differences, each safer or documented-but-broken in DKIMproxy:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from dkproxy.config import (
-    ConfigError,
-    OutboundConfig,
-    SignatureTemplate,
-    check_canonicalization,
-    is_domain,
-    is_safe_local_part,
-    parse_signature_list,
-)
-from dkproxy.mailauth.addresses import DomainError, canonical_domain, canonical_domain_or_none
-from dkproxy.mailauth.keys import KeyCache, KeyLoadError, SigningKey
+from dkproxy.config import ConfigError, OutboundConfig, is_domain
+from dkproxy.mailauth.keys import KeyCache, SigningKey
 from dkproxy.mailauth.message import Address
-
-SignatureKind = Literal["dkim", "domainkeys", "arc"]
-
-#: Header fields DKIM must sign (RFC 6376 section 5.4).
-_REQUIRED_DKIM_HEADERS = ("from",)
+from dkproxy.policy.macros import Unsafe, check_identity, shown
+from dkproxy.policy.maps import (
+    canonical_list_id,
+    domain_and_parents,
+    listid_keys,
+    read_map,
+    sender_keys,
+)
+from dkproxy.policy.rules import PreparedSignature, Rule, RuleBuilder, SignatureKind
 
 
 @dataclass(frozen=True)
@@ -111,136 +105,14 @@ class Selection:
     reason: str | None
 
 
-class _Unsafe(Exception):
-    """A macro could not be filled safely for this message."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Macro templates
-# ---------------------------------------------------------------------------------------------
-
-_MACRO_SPLIT = re.compile(r"\$(\$|[A-Za-z_]\w*)")
-
-
-def _shown(text: str) -> str:
-    """A message-derived value, quoted and shortened for a log line."""
-    return repr(text if len(text) <= 60 else text[:57] + "...")
-
-
-@dataclass(frozen=True)
-class _Template:
-    """A d= or i= value with macros, split once at load time."""
-
-    text: str
-    parts: tuple[tuple[bool, str], ...]  # (is_macro, text or macro name)
-
-    @classmethod
-    def parse(cls, text: str) -> _Template:
-        parts: list[tuple[bool, str]] = []
-        last = 0
-        for match in _MACRO_SPLIT.finditer(text):
-            if match.start() > last:
-                parts.append((False, text[last : match.start()]))
-            name = match.group(1)
-            parts.append((False, "$") if name == "$" else (True, name))
-            last = match.end()
-        if last < len(text):
-            parts.append((False, text[last:]))
-        return cls(text, tuple(parts))
-
-    @property
-    def literal(self) -> str | None:
-        """The value when there is no macro, else None."""
-        if any(is_macro for is_macro, _ in self.parts):
-            return None
-        return "".join(text for _, text in self.parts)
-
-    @property
-    def macros(self) -> set[str]:
-        return {name for is_macro, name in self.parts if is_macro}
-
-    def render(self, sender: Address | None, key: str | None) -> str:
-        out: list[str] = []
-        for is_macro, text in self.parts:
-            out.append(_macro_value(text, sender, key) if is_macro else text)
-        return "".join(out)
-
-
-def _macro_value(name: str, sender: Address | None, key: str | None) -> str:
-    if name in ("sender", "senderdomain"):
-        if sender is None:
-            raise _Unsafe(f"${name} needs a sender address and the message has none")
-        if not is_domain(sender.domain):
-            raise _Unsafe(f"sender domain {_shown(sender.domain)} is not a plain domain name")
-        if name == "senderdomain":
-            return sender.domain
-        if not is_safe_local_part(sender.local):
-            raise _Unsafe(
-                f"sender local part {_shown(sender.local)} has characters a DKIM tag cannot carry"
-            )
-        return f"{sender.local}@{sender.domain}"
-    if name in ("key", "keydomain"):
-        if key is None:  # pragma: no cover - rejected at load time
-            raise _Unsafe(f"${name} has no matched domain here")
-        return key.rpartition("@")[2] if name == "keydomain" else key
-    raise _Unsafe(f"unknown macro ${name}")  # pragma: no cover - rejected at load time
-
-
-# ---------------------------------------------------------------------------------------------
-# Prepared signatures and rules
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """A signature with key, selector, algorithm and canonicalization settled."""
-
-    kind: SignatureKind
-    selector: str
-    key: SigningKey
-    algorithm: str
-    canonicalization: str
-    headers: tuple[str, ...] | None
-    domain: _Template  # may be "$key" (the matched domain) when no d= was configured
-    identity: _Template | None
-    source: str
-    label: str
-    authserv_id: str | None = None
-
-    def describe(self, key_domain: str | None) -> str:
-        domain = self.domain.text
-        if domain == "$key" and key_domain is not None:
-            domain = key_domain
-        opts = [f"d={domain}", f"s={self.selector}", f"a={self.algorithm}"]
-        opts.append(f"c={self.canonicalization}")
-        if self.identity is not None:
-            opts.append(f"i={self.identity.text}")
-        if self.headers is not None:
-            opts.append("h=" + ":".join(self.headers))
-        opts.append(f"key={self.key.path} ({self.key.kind} {self.key.bits})")
-        return f"{self.kind}({', '.join(opts)})"
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """A map entry, TOML rule or the default signatures, ready for `select`."""
-
-    name: str  # the pattern as matched, e.g. "example.org", "jason@long.name", "*"
-    label: str  # for Selection.rule / describe, e.g. "sender_map example.org (file:3)"
-    signatures: tuple[_Prepared, ...]
-    key_domain: str | None  # what $key and a missing d= stand for
-    where: str  # "FILE:LINE" or "FILE: sign[0]"
-    exact_key_domain: str | None = None  # list-id rules matched in full
-
-
 class SigningPolicy:
     """Key selection for outbound mail; build with `from_config`."""
 
     def __init__(self) -> None:
-        self._listid: dict[str, _Rule] = {}
-        self._sender: dict[str, _Rule] = {}
-        self._default: _Rule | None = None
-        self._default_by_domain: dict[str, _Rule] = {}
+        self._listid: dict[str, Rule] = {}
+        self._sender: dict[str, Rule] = {}
+        self._default: Rule | None = None
+        self._default_by_domain: dict[str, Rule] = {}
         self._default_mode: Literal["none", "all", "domains"] = "none"
         self._domains: tuple[str, ...] = ()
         self.warnings: list[str] = []
@@ -251,14 +123,14 @@ class SigningPolicy:
     def from_config(cls, cfg: OutboundConfig, keys: KeyCache | None = None) -> SigningPolicy:
         """Load every key and map file now; raise ConfigError naming the line at fault."""
         policy = cls()
-        builder = _Builder(cfg, keys or KeyCache(cfg.min_rsa_bits), policy.warnings)
+        builder = RuleBuilder(cfg, keys or KeyCache(cfg.min_rsa_bits), policy.warnings)
         policy.warnings.extend(cfg.warnings)
 
         if cfg.listid_map:
-            for pattern, templates, where in _read_map(cfg.listid_map, cfg, "listid_map"):
+            for pattern, templates, where in read_map(cfg.listid_map, cfg, "listid_map"):
                 policy._add(policy._listid, builder.listid_rule(pattern, templates, where), where)
         if cfg.sender_map:
-            for pattern, templates, where in _read_map(cfg.sender_map, cfg, "sender_map"):
+            for pattern, templates, where in read_map(cfg.sender_map, cfg, "sender_map"):
                 policy._add(policy._sender, builder.sender_rule(pattern, templates, where), where)
         for rule in cfg.rules:
             if rule.match.startswith("list-id:"):
@@ -293,7 +165,7 @@ class SigningPolicy:
                 )
         return policy
 
-    def _add(self, table: dict[str, _Rule], rule: _Rule | None, where: str) -> None:
+    def _add(self, table: dict[str, Rule], rule: Rule | None, where: str) -> None:
         if rule is None:
             return
         previous = table.get(rule.name)
@@ -322,8 +194,8 @@ class SigningPolicy:
         """
         no_sender = no_sender or "no sender address (no usable Sender or From header)"
         if list_id and self._listid:
-            ident = _canonical_list_id(list_id)
-            for key in _listid_keys(ident):
+            ident = canonical_list_id(list_id)
+            for key in listid_keys(ident):
                 rule = self._listid.get(key)
                 if rule is not None:
                     key_domain = (
@@ -334,7 +206,7 @@ class SigningPolicy:
                     return self._render(rule, sender, key_domain)
         if self._sender:
             # Without a sender only a catch-all entry can apply.
-            for key in _sender_keys(sender) if sender is not None else ["*"]:
+            for key in sender_keys(sender) if sender is not None else ["*"]:
                 rule = self._sender.get(key)
                 if rule is not None:
                     return self._render(rule, sender, rule.key_domain)
@@ -343,30 +215,30 @@ class SigningPolicy:
         if self._default_mode == "domains":
             if sender is None:
                 return Selection((), None, no_sender)
-            for domain in _domain_and_parents(sender.domain):
+            for domain in domain_and_parents(sender.domain):
                 rule = self._default_by_domain.get(domain)
                 if rule is not None:
                     return self._render(rule, sender, rule.key_domain)
             return Selection(
                 (),
                 None,
-                f"sender domain {_shown(sender.domain)} is not one of the configured domains "
+                f"sender domain {shown(sender.domain)} is not one of the configured domains "
                 f"({', '.join(self._domains)}) or below one",
             )
         if sender is None:
             return Selection((), None, no_sender)
-        what = f"sender {_shown(str(sender))}"
+        what = f"sender {shown(str(sender))}"
         if list_id and self._listid:
-            what += f" or List-Id {_shown(list_id)}"
+            what += f" or List-Id {shown(list_id)}"
         return Selection((), None, f"no signing rule matches {what}")
 
-    def _render(self, rule: _Rule, sender: Address | None, key_domain: str | None) -> Selection:
+    def _render(self, rule: Rule, sender: Address | None, key_domain: str | None) -> Selection:
         specs: list[SignatureSpec] = []
         notes: list[str] = []
         for prepared in rule.signatures:
             try:
                 specs.append(_concrete(prepared, sender, key_domain))
-            except _Unsafe as exc:
+            except Unsafe as exc:
                 notes.append(f"{prepared.label} skipped: {exc}")
         if not rule.signatures:
             notes.append(f"{rule.label} lists no signatures (do not sign)")
@@ -378,7 +250,7 @@ class SigningPolicy:
         """The effective rules in look-up order, for `dkproxy check-config`."""
         lines: list[str] = []
 
-        def add(rule: _Rule, key_domain: str | None) -> None:
+        def add(rule: Rule, key_domain: str | None) -> None:
             lines.append(f"{rule.label}:")
             if not rule.signatures:
                 lines.append("    (no signature)")
@@ -437,338 +309,23 @@ def _file_of(where: str) -> str:
     return match.group(1) if match else where
 
 
-# ---------------------------------------------------------------------------------------------
-# Look-up keys
-# ---------------------------------------------------------------------------------------------
-
-
-def _domain_and_parents(domain: str) -> list[str]:
-    labels = domain.lower().rstrip(".").split(".")
-    return [".".join(labels[i:]) for i in range(len(labels)) if labels[i]]
-
-
-def _sender_keys(sender: Address) -> list[str]:
-    """Most specific first: address, address without +ext, domain, (.)parents, catch-all."""
-    local = sender.local.lower()
-    domain = sender.domain.lower()
-    keys = [f"{local}@{domain}"]
-    if "+" in local:
-        base = local.split("+", 1)[0]
-        if base:
-            keys.append(f"{base}@{domain}")
-    chain = _domain_and_parents(domain)
-    keys.append(chain[0] if chain else domain)
-    for parent in chain[1:]:
-        keys.append("." + parent)  # TOML ".example.org": subdomains only
-        keys.append(parent)
-    keys.append("*")
-    return keys
-
-
-def _canonical_list_id(list_id: str) -> str:
-    """A List-Id identifier with its domain-like labels in A-labels where they have one."""
-    ident = list_id.strip().strip("<>").lower()
-    return canonical_domain_or_none(ident) or ident
-
-
-def _listid_keys(ident: str) -> list[str]:
-    return [*_domain_and_parents(ident), "*"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Map files (DKIMproxy sender_map / listid_map format)
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_map(
-    path: str, cfg: OutboundConfig, option: str
-) -> list[tuple[str, list[SignatureTemplate], str]]:
-    """Parse a DKIMproxy map: `KEY  SIGNATURE[, SIGNATURE...]` per line, # or ; comments."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as exc:
-        where = cfg.sources.get(option, path)
-        raise ConfigError.at(
-            where, f"{option} {path}: cannot read ({exc.strerror or exc})"
-        ) from None
-    except UnicodeDecodeError:
-        raise ConfigError(path, None, "not valid UTF-8") from None
-    entries: list[tuple[str, list[SignatureTemplate], str]] = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line[0] in "#;":
-            continue
-        key, _, value = line.replace("\t", " ").partition(" ")
-        value = value.strip()
-        where = f"{path}:{number}"
-        if not value:
-            raise ConfigError(path, number, f"{key!r} has no signature list (e.g. dkim)")
-        try:
-            templates = parse_signature_list(value, where)
-        except ValueError as exc:
-            raise ConfigError(path, number, str(exc)) from None
-        entries.append((_canonical_key(key.lower(), where), templates, where))
-    return entries
-
-
-def _canonical_key(key: str, where: str) -> str:
-    """A map key with its domain in A-labels, so U-label and A-label entries both match."""
-    if key in (".", "*"):
-        return key
-    lead = "." if key.startswith(".") else ""
-    local, at, domain = key[len(lead) :].rpartition("@")
-    try:
-        return f"{lead}{local}{at}{canonical_domain(domain)}"
-    except DomainError as exc:
-        raise ConfigError.at(where, f"{key!r}: {exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Building prepared rules
-# ---------------------------------------------------------------------------------------------
-
-
-class _Builder:
-    """Resolves templates against the global defaults and loads their keys."""
-
-    def __init__(self, cfg: OutboundConfig, keys: KeyCache, warnings: list[str]) -> None:
-        self.cfg = cfg
-        self.keys = keys
-        self.warnings = warnings
-
-    def sender_rule(
-        self, pattern: str, templates: list[SignatureTemplate], where: str, toml: bool = False
-    ) -> _Rule | None:
-        if not toml:
-            if pattern == ".":
-                pattern = "*"
-            elif pattern.startswith(".") or pattern == "*":
-                self.warnings.append(
-                    f"{where}: {pattern!r} never matches in a DKIMproxy map (a plain domain "
-                    "entry already covers its subdomains); entry ignored"
-                )
-                return None
-            elif "@" in pattern:
-                local, _, domain = pattern.rpartition("@")
-                if not local or not is_domain(domain):
-                    raise ConfigError.at(where, f"{pattern!r} is not an address or domain")
-            elif not is_domain(pattern.rstrip(".")):
-                raise ConfigError.at(where, f"{pattern!r} is not an address or domain")
-            pattern = pattern.rstrip(".")
-        if pattern == "*":
-            key_domain = None
-        elif "@" in pattern:
-            key_domain = pattern.rpartition("@")[2]
-        else:
-            key_domain = pattern.lstrip(".")
-        kind = "sender_map" if not toml else "rule"
-        label = f"{kind} {'catch-all' if pattern == '*' else pattern} ({where})"
-        return self.rule(pattern, label, templates, key_domain, where)
-
-    def listid_rule(
-        self, pattern: str, templates: list[SignatureTemplate], where: str, toml: bool = False
-    ) -> _Rule | None:
-        if pattern == "." or (toml and pattern == "*"):
-            pattern = "*"
-        elif pattern.startswith(".") or pattern == "*":
-            self.warnings.append(f"{where}: {pattern!r} never matches in a listid_map; ignored")
-            return None
-        if pattern == "*":
-            key_domain = exact = None
-        else:
-            # LookupMap: a suffix match gives the suffix; a full match gives the id minus its
-            # first label ("announce.example.org" -> "example.org").
-            key_domain = pattern
-            exact = pattern.split(".", 1)[1] if "." in pattern else pattern
-        kind = "listid_map" if not toml else "rule"
-        label = f"{kind} List-Id {'catch-all' if pattern == '*' else pattern} ({where})"
-        return self.rule(pattern, label, templates, key_domain, where, exact_key_domain=exact)
-
-    def rule(
-        self,
-        name: str,
-        label: str,
-        templates: list[SignatureTemplate],
-        key_domain: str | None,
-        where: str,
-        *,
-        default: bool = False,
-        exact_key_domain: str | None = None,
-    ) -> _Rule:
-        prepared = tuple(self.prepare(t, key_domain, default, exact_key_domain) for t in templates)
-        if sum(p.kind == "arc" for p in prepared) > 1:
-            raise ConfigError.at(where, "one ARC set per message: give at most one arc(...)")
-        return _Rule(name, label, prepared, key_domain, where, exact_key_domain)
-
-    def prepare(
-        self,
-        template: SignatureTemplate,
-        key_domain: str | None,
-        default: bool,
-        exact_key_domain: str | None,
-    ) -> _Prepared:
-        cfg = self.cfg
-        where = template.source or (cfg.source_files[-1] if cfg.source_files else "command line")
-
-        def fail(message: str) -> ConfigError:
-            return ConfigError.at(where, f"{template.describe()}: {message}")
-
-        # key
-        key_path = template.key or cfg.keyfile
-        key_where = where if template.key else cfg.sources.get("keyfile", where)
-        if not key_path:
-            raise fail("no key file: set 'keyfile' or key= in the signature")
-        try:
-            key = self.keys.get(key_path)
-        except KeyLoadError as exc:
-            raise ConfigError.at(key_where, f"key file {exc}") from None
-
-        # selector
-        selector = template.selector or cfg.selector
-        if not selector:
-            raise fail("no selector: set 'selector' or s= in the signature")
-
-        # d=: the signature's own, else the matched/configured domain (possibly a macro)
-        if template.domain is not None:
-            domain = _Template.parse(template.domain)
-        elif default and len(cfg.domains) == 1 and "$" in cfg.domains[0]:
-            domain = _Template.parse(cfg.domains[0])
-        elif key_domain is not None:
-            domain = _Template.parse("$key")
-        else:
-            if default:
-                raise fail("domain not specified: set 'domain' or d= in the signature")
-            raise fail("a catch-all entry must give d= (e.g. d=example.org or d=$senderdomain)")
-        if "key" in domain.macros or "keydomain" in domain.macros:
-            if key_domain is None:
-                raise fail("$key has no matched domain here; give d= explicitly")
-            for value in {key_domain, exact_key_domain} - {None}:
-                if not is_domain(str(value)):
-                    raise fail(f"matched key {value!r} is not a domain; give d= explicitly")
-
-        # canonicalization (DKIMproxy: c= > dkim_method/domainkeys_method > method > default)
-        if template.kind == "arc":
-            canon = "relaxed/relaxed"  # RFC 8617: ARC signatures are always relaxed/relaxed
-        elif template.kind == "dkim":
-            canon = template.canonicalization or cfg.dkim_method or cfg.method or "relaxed"
-        else:
-            canon = template.canonicalization or cfg.domainkeys_method or cfg.method or "nofws"
-        try:
-            if template.kind != "arc":
-                check_canonicalization(template.kind, canon)
-        except ValueError as exc:
-            raise fail(str(exc)) from None
-        if template.kind == "dkim" and "/" not in canon:
-            canon = f"{canon}/simple"  # RFC 6376 3.5: the body defaults to simple
-
-        # algorithm
-        algorithm = self._algorithm(template, key, fail)
-
-        # i=
-        identity_text = template.identity
-        if identity_text is None and default and template.kind == "dkim" and cfg.identity:
-            identity_text = cfg.identity
-        identity = _Template.parse(identity_text) if identity_text is not None else None
-        if identity is not None and template.kind == "domainkeys":
-            raise fail("DomainKeys signatures have no i= tag")
-        if "key" in (identity.macros if identity else set()) and key_domain is None:
-            raise fail("$key has no matched domain here")
-
-        # h=
-        headers = tuple(template.headers) if template.headers is not None else None
-        if template.kind == "dkim" and headers is not None:
-            missing = [h for h in _REQUIRED_DKIM_HEADERS if h not in headers]
-            if missing:
-                raise fail(f"h= must include {', '.join(missing)} (RFC 6376 5.4)")
-
-        shown_domain = key_domain if domain.text == "$key" and key_domain else domain.text
-        prepared = _Prepared(
-            kind=template.kind,
-            selector=selector,
-            key=key,
-            algorithm=algorithm,
-            canonicalization=canon,
-            headers=headers,
-            domain=domain,
-            identity=identity,
-            source=where,
-            label=f"{template.kind}(d={shown_domain}, s={selector}) from {where}",
-            authserv_id=template.authserv_id,
-        )
-        # Check values fixed per rule now, so a wrong i= is a start-up error, not a skip.
-        if domain.macros <= {"key", "keydomain"}:
-            key_values = [v for v in (key_domain, exact_key_domain) if v is not None] or [None]
-            for value in key_values:
-                sample = domain.render(None, value)
-                if not is_domain(sample):
-                    raise fail(f"d={sample!r} is not a valid domain name")
-                try:
-                    _check_identity(identity, sample, None, value, static_only=True)
-                except _Unsafe as exc:
-                    raise fail(str(exc)) from None
-        return prepared
-
-    @staticmethod
-    def _algorithm(
-        template: SignatureTemplate, key: SigningKey, fail: Callable[[str], ConfigError]
-    ) -> str:
-        wanted = template.algorithm
-        if template.kind == "arc":
-            if key.kind != "rsa":
-                raise fail(f"ARC needs an RSA key (RFC 8617); {key.path} is {key.kind}")
-            return "rsa-sha256"
-        if template.kind == "domainkeys":
-            if key.kind != "rsa":
-                raise fail(f"DomainKeys needs an RSA key; {key.path} is {key.kind}")
-            if wanted not in (None, "rsa-sha1"):
-                raise fail(f"DomainKeys only supports a=rsa-sha1, not {wanted}")
-            return "rsa-sha1"
-        if wanted == "rsa-sha1":
-            raise fail("a=rsa-sha1 must not be used for DKIM signing (RFC 8301); use rsa-sha256")
-        natural = "rsa-sha256" if key.kind == "rsa" else "ed25519-sha256"
-        if wanted is not None and wanted != natural:
-            raise fail(f"a={wanted} does not fit the {key.kind} key {key.path} (use {natural})")
-        return natural
-
-
-def _check_identity(
-    identity: _Template | None,
-    domain: str,
-    sender: Address | None,
-    key_domain: str | None,
-    static_only: bool = False,
-) -> str | None:
-    """Render i= and check it is a safe address within d=; raise _Unsafe."""
-    if identity is None:
-        return None
-    if static_only and identity.literal is None and not identity.macros <= {"key", "keydomain"}:
-        return None  # depends on the message; checked per message
-    value = identity.render(sender, key_domain)
-    local, at, id_domain = value.rpartition("@")
-    id_domain = id_domain.lower()
-    if not at or not is_domain(id_domain) or (local and not is_safe_local_part(local)):
-        raise _Unsafe(f"i={_shown(value)} is not a safe address")
-    if id_domain != domain and not id_domain.endswith("." + domain):
-        raise _Unsafe(f"i={_shown(value)} is not within d={domain} (RFC 6376 3.5)")
-    return value
-
-
-def _concrete(prepared: _Prepared, sender: Address | None, key_domain: str | None) -> SignatureSpec:
-    """Fill the macros of one prepared signature for one message; raise _Unsafe."""
+def _concrete(
+    prepared: PreparedSignature, sender: Address | None, key_domain: str | None
+) -> SignatureSpec:
+    """Fill the macros of one prepared signature for one message; raise Unsafe."""
     domain = prepared.domain.render(sender, key_domain).lower().rstrip(".")
     if not is_domain(domain):
-        raise _Unsafe(f"d={_shown(domain)} is not a valid domain name")
-    identity = _check_identity(prepared.identity, domain, sender, key_domain)
+        raise Unsafe(f"d={shown(domain)} is not a valid domain name")
+    identity = check_identity(prepared.identity, domain, sender, key_domain)
     if prepared.kind == "domainkeys":
         # dkimproxy.out signer_policy: DomainKeys only for a sender at d= or below it.
         if sender is None:
-            raise _Unsafe("DomainKeys needs a sender address and the message has none")
+            raise Unsafe("DomainKeys needs a sender address and the message has none")
         sender_domain = sender.domain.lower()
         if sender_domain != domain and not sender_domain.endswith("." + domain):
-            raise _Unsafe(
+            raise Unsafe(
                 f"DomainKeys requires the sender domain to be {domain} or below it, "
-                f"not {_shown(sender_domain)}"
+                f"not {shown(sender_domain)}"
             )
     return SignatureSpec(
         kind=prepared.kind,
@@ -784,4 +341,4 @@ def _concrete(prepared: _Prepared, sender: Address | None, key_domain: str | Non
     )
 
 
-__all__ = ["Selection", "SignatureSpec", "SigningPolicy"]
+__all__ = ["Selection", "SignatureKind", "SignatureSpec", "SigningPolicy"]
