@@ -36,7 +36,8 @@ from pathlib import Path
 
 from bench_out import free_port, start_sink, tool, wait_port
 from compare import write_rsa_key
-from matrix import MIB, MemorySampler, loadgen, process_tree, smtp_source
+from matrix_cells import loadgen, smtp_source
+from memory import MIB, MemorySampler, process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,8 @@ from bench_out import free_port, start_sink, tool, wait_port
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from loadgen import LoadConfig, run_sync
-from matrix import MIB, MemorySampler, smtp_source
+from matrix_cells import smtp_source
+from memory import MIB, MemorySampler
 
 ROOT = Path(__file__).resolve().parent.parent
 

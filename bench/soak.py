@@ -50,7 +50,7 @@ ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
 from loadgen import SmtpConnection, SmtpFailure, make_body  # noqa: E402
-from matrix import process_tree  # noqa: E402
+from memory import process_tree  # noqa: E402
 
 from tests.support.proxy import ProxyProcess  # noqa: E402
 from tests.support.sink import SmtpSink, parse_sink_dump  # noqa: E402

@@ -15,19 +15,9 @@ from dataclasses import dataclass, field
 
 import pytest
 from loadgen import LoadConfig, LoadResult, Percentiles, make_body, make_message, run_load
-from matrix import (
-    DIRECT,
-    MIB,
-    SIZES,
-    Latency,
-    MemoryCell,
-    MemorySampler,
-    Run,
-    Throughput,
-    markdown,
-    process_tree,
-    targets,
-)
+from matrix_cells import DIRECT, SIZES, Latency, MemoryCell, Throughput
+from matrix_report import Run, markdown, targets
+from memory import MIB, MemorySampler, process_tree
 
 
 @dataclass
