@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
     ("processors", (("dkproxy.outbound",), ("dkproxy.inbound",))),
     ("policy", (("dkproxy.policy",),)),
     ("protocols", (("dkproxy.smtp",), ("dkproxy.mailauth",))),
-    ("configuration", (("dkproxy.config",),)),
+    ("config", (("dkproxy.config",),)),
     ("base", (("dkproxy.daemon",), ("dkproxy.metrics",), ("dkproxy.util",), ("dkproxy",))),
 )
 
@@ -142,6 +142,15 @@ def test_imports_only_point_down() -> None:
     assert found == [], "\n".join(found)
 
 
+def test_readme_draws_the_same_layers() -> None:
+    """The README's Architecture section names the rows of LAYERS, in the same order."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    drawing = section.split("```\n", 2)[1]
+    rows = [line.split()[0] for line in drawing.splitlines() if line.strip()]
+    assert rows == [name for name, _ in LAYERS]
+
+
 @pytest.mark.parametrize(
     ("source", "target", "allowed"),
     [
@@ -187,6 +196,6 @@ def test_a_wrong_import_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     )
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", copy)
     found = violations()
-    assert any("config/values.py" in v and "configuration -> protocols" in v for v in found)
+    assert any("config/values.py" in v and "config -> protocols" in v for v in found)
     assert any("smtp/spool.py" in v and "private names _private" in v for v in found)
     assert len(found) == 2, found

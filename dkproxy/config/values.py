@@ -68,7 +68,7 @@ def to_alabels(domain: str) -> str:
     """A configured domain in the form every comparison uses: lower-case A-labels.
 
     U-labels and A-labels are both accepted (RFC 5890, UTS 46; see
-    dkproxy.mailauth.addresses); raises ValueError naming the value when it has no A-label form.
+    dkproxy.util.domains); raises ValueError naming the value when it has no A-label form.
     """
     try:
         return canonical_domain(domain)

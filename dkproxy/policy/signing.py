@@ -19,7 +19,7 @@ signer_policy, interpret_macros; lib/LookupMap.pm):
   (`example.org`, `org`), then the catch-all `.`. A plain domain entry therefore also covers
   all subdomains. For a List-Id `a.lists.example.org` the keys are the id, its parent domains
   and `.`. Keys are compared in lower case, domains as A-labels (U-labels in a map, the
-  configuration or the message are converted; see dkproxy.mailauth.addresses).
+  configuration or the message are converted; see dkproxy.util.domains).
 * The default d= of a map signature is the matched key (its domain part for an address key);
   for a List-Id matched in full, the id without its first label.
 * Default signatures (`signature`, or the implicit `dkim`): with one `domain` every message is
