@@ -3,8 +3,9 @@
 One module per job: `options` (the option table and the conversion of `name value` settings),
 `dkimproxy_conf` (conf files), `command_line` (command lines and --help), `toml` (the native
 format), `models` (the validated pydantic models), `loader` (building them, load_config_file),
-`signatures` (signature specifiers), `values` (shared value syntax) and `errors` (ConfigError,
-FILE:LINE messages). This package re-exports the names other packages use.
+`signatures` (signature specifiers), `values` (shared value syntax), `errors` (ConfigError,
+FILE:LINE messages) and `relay` (`dkproxy relay`'s own TOML file). This package re-exports the
+names other packages use.
 
 dkproxy must start from an unchanged DKIMproxy 1.4 init script, so the first job of this package
 is to read what `dkimproxy.out` / `dkimproxy.in` read, with the same meaning. Facts taken from

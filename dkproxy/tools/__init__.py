@@ -1,1 +1,2 @@
-"""Administration tools: keygen, dnscheck, check-config (keytools) and the demo."""
+"""Administration tools: keygen, dnscheck, check-config (keytools; check_relay for a relay
+configuration) and the demo."""
