@@ -42,36 +42,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dkproxy.mailauth.dkim_signer import DEFAULT_SIGNED_HEADERS, OVERSIGNED_HEADERS  # noqa: E402
-from tests.support.postfix import PostfixInstance, adapt_master_cf  # noqa: E402
+from tests.support.postfix import PostfixInstance  # noqa: E402
 from tests.support.proxy import ProxyProcess  # noqa: E402
 from tests.support.sink import SmtpSink  # noqa: E402
 from tests.support.testkeys import make_rsa_key  # noqa: E402
 from tests.support.tools import free_port, require_tool, wait_for_port  # noqa: E402
+from tests.test_postfix import outbound_services  # noqa: E402
 
-CONF = ROOT / "conf"
 ARRANGEMENTS = ("plain", "milter", "after-queue", "before-queue")
 SENDER, RCPT = "alice@example.org", "bob@example.net"
 
 
 def services(ports: dict[str, int], socket_path: str) -> str:
-    """The four submission services (and what the shipped snippets need behind them)."""
-    open_submission = {
-        "smtpd_tls_security_level": None,
-        "smtpd_sasl_auth_enable": None,
-        "smtpd_client_restrictions": "permit_mynetworks,reject",
-    }
-    after = adapt_master_cf(
-        (CONF / "postfix-master-out.cf").read_text(encoding="utf-8"),
-        ports={10027: ports["cf-filter"], 10028: ports["cf-reinject"]},
-        services={"submission": f"127.0.0.1:{ports['after-queue']}"},
-        options={"submission": open_submission},
-    )
-    before = adapt_master_cf(
-        (CONF / "postfix-master-out-proxy.cf").read_text(encoding="utf-8"),
-        ports={10027: ports["bq-filter"], 10028: ports["bq-reinject"]},
-        services={"submission": f"127.0.0.1:{ports['before-queue']}"},
-        options={"submission": open_submission},
-    )
+    """The four submission services (and what the shipped snippets need behind them): the
+    snippets as the tests run them (tests/test_postfix.py: open to mynetworks, no TLS/SASL)."""
+    after = outbound_services(ports["after-queue"], ports["cf-filter"], ports["cf-reinject"])
+    before = outbound_services(ports["before-queue"], ports["bq-filter"], ports["bq-reinject"],
+                               "postfix-master-out-proxy.cf")  # fmt: skip
     plain = f"127.0.0.1:{ports['plain']} inet n - n - 50 smtpd\n"
     milter = (
         f"127.0.0.1:{ports['milter']} inet n - n - 50 smtpd\n"
