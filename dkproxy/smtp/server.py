@@ -308,7 +308,7 @@ def _supervise(
 
     def on_reload(_signum: int, _frame: object) -> None:
         nonlocal reloading
-        if reloading:  # a SIGHUP during a reload: the workers reload again, one READY=1
+        if reloading or stopping:  # again during a reload (one READY=1), or while stopping
             forward(signal.SIGHUP)
             return
         reloading = True
