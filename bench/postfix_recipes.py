@@ -10,7 +10,11 @@ one smtp-sink, and smtp-source loads each in turn, in alternating order, in the 
     after-queue  dkproxy as the content_filter (conf/postfix-master-out.cf)
     before-queue dkproxy as the smtpd_proxy_filter (conf/postfix-master-out-proxy.cf)
 
-Both signers make one DKIM rsa-sha256 relaxed/simple signature with the same 2048-bit key.
+Both signers make one DKIM rsa-sha256 relaxed/simple signature with the same 2048-bit key
+over the same header fields (OpenDKIM is given dkproxy's default SignHeaders and
+OversignHeaders), and no DomainKeys signature (OpenDKIM has none); a first message through
+each arrangement checks that, or the run stops. `--breakdown` shows Postfix's CPU by service
+(which smtpd, cleanup, qmgr, ...), `--keep-log FILE` keeps Postfix's log.
 A figure is messages/s from the first message offered to the last one delivered to the sink
 (the queue empty again), so the queue passes are counted. Needs root (Postfix), postfix,
 opendkim; prints the rates and the ratios to the milter measured in this run.
@@ -31,41 +35,30 @@ import subprocess
 import sys
 import tempfile
 import time
+from email.utils import formatdate
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.postfix import PostfixInstance, adapt_master_cf  # noqa: E402
+from dkproxy.mailauth.dkim_signer import DEFAULT_SIGNED_HEADERS, OVERSIGNED_HEADERS  # noqa: E402
+from tests.support.postfix import PostfixInstance  # noqa: E402
 from tests.support.proxy import ProxyProcess  # noqa: E402
 from tests.support.sink import SmtpSink  # noqa: E402
 from tests.support.testkeys import make_rsa_key  # noqa: E402
 from tests.support.tools import free_port, require_tool, wait_for_port  # noqa: E402
+from tests.test_postfix import outbound_services  # noqa: E402
 
-CONF = ROOT / "conf"
 ARRANGEMENTS = ("plain", "milter", "after-queue", "before-queue")
 SENDER, RCPT = "alice@example.org", "bob@example.net"
 
 
 def services(ports: dict[str, int], socket_path: str) -> str:
-    """The four submission services (and what the shipped snippets need behind them)."""
-    open_submission = {
-        "smtpd_tls_security_level": None,
-        "smtpd_sasl_auth_enable": None,
-        "smtpd_client_restrictions": "permit_mynetworks,reject",
-    }
-    after = adapt_master_cf(
-        (CONF / "postfix-master-out.cf").read_text(encoding="utf-8"),
-        ports={10027: ports["cf-filter"], 10028: ports["cf-reinject"]},
-        services={"submission": f"127.0.0.1:{ports['after-queue']}"},
-        options={"submission": open_submission},
-    )
-    before = adapt_master_cf(
-        (CONF / "postfix-master-out-proxy.cf").read_text(encoding="utf-8"),
-        ports={10027: ports["bq-filter"], 10028: ports["bq-reinject"]},
-        services={"submission": f"127.0.0.1:{ports['before-queue']}"},
-        options={"submission": open_submission},
-    )
+    """The four submission services (and what the shipped snippets need behind them): the
+    snippets as the tests run them (tests/test_postfix.py: open to mynetworks, no TLS/SASL)."""
+    after = outbound_services(ports["after-queue"], ports["cf-filter"], ports["cf-reinject"])
+    before = outbound_services(ports["before-queue"], ports["bq-filter"], ports["bq-reinject"],
+                               "postfix-master-out-proxy.cf")  # fmt: skip
     plain = f"127.0.0.1:{ports['plain']} inet n - n - 50 smtpd\n"
     milter = (
         f"127.0.0.1:{ports['milter']} inet n - n - 50 smtpd\n"
@@ -85,6 +78,10 @@ def start_opendkim(work: str, key: str) -> tuple[subprocess.Popen[bytes], str]:
             f"Syslog no\nUMask 000\nSocket local:{socket_path}\nMode s\n"
             f"Domain example.org\nSelector bench\nKeyFile {key}\n"
             "Canonicalization relaxed/simple\nSignatureAlgorithm rsa-sha256\n"
+            # The header fields dkproxy signs and oversigns by default, so that both signers
+            # hash the same fields (OpenDKIM's own default list is shorter).
+            f"SignHeaders {','.join(DEFAULT_SIGNED_HEADERS)}\n"
+            f"OversignHeaders {','.join(OVERSIGNED_HEADERS)}\n"
             f"PidFile {os.path.join(work, 'opendkim.pid')}\n"
         )
     proc = subprocess.Popen([opendkim, "-f", "-x", conf], stdout=subprocess.DEVNULL,
@@ -116,21 +113,51 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def postfix_cpu_seconds(mta: PostfixInstance) -> float:
-    """CPU of the Postfix master and every daemon it ran (exited ones are in its cutime)."""
+def postfix_cpu_by_process(mta: PostfixInstance) -> dict[tuple[int, str], float]:
+    """CPU seconds of the Postfix master and of each daemon it runs now, keyed by (pid,
+    "program service"), e.g. "smtpd 127.0.0.1:10028"; daemons that exited are in the
+    master's children time, under "exited daemons" (so nothing is lost from the total)."""
     ticks = os.sysconf("SC_CLK_TCK")
     master = int(Path(mta.queue_dir, "pid", "master.pid").read_text().strip())
-    total = 0.0
+    found: dict[tuple[int, str], float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            comm, rest = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)
+            fields = rest.split()
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(entry) == master or int(fields[1]) == master:  # fields[1]: the parent's pid
-            total += sum(int(value) for value in fields[11:15]) / ticks
-    return total
+        if int(entry) == master:
+            found[(0, "master")] = (int(fields[11]) + int(fields[12])) / ticks
+            found[(0, "exited daemons")] = (int(fields[13]) + int(fields[14])) / ticks
+        elif int(fields[1]) == master:  # fields[1]: the parent's pid
+            # The master starts each daemon as "PROGRAM -n SERVICE -t TYPE ...".
+            service = argv[argv.index(b"-n") + 1].decode() if b"-n" in argv else ""
+            name = f"{comm.split('(', 1)[1]} {service}".strip()
+            found[(int(entry), name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def cpu_used_by_service(
+    before: dict[tuple[int, str], float], after: dict[tuple[int, str], float]
+) -> dict[str, float]:
+    """CPU seconds used between two `postfix_cpu_by_process` snapshots, by service. A daemon
+    that exited meanwhile has its whole life's CPU in the master's children time: what it
+    had used before the first snapshot is taken off again there."""
+    used: dict[str, float] = {}
+    for key, seconds in after.items():
+        used[key[1]] = used.get(key[1], 0.0) + seconds - before.get(key, 0.0)
+    for key, seconds in before.items():
+        if key not in after:
+            used["exited daemons"] = used.get("exited daemons", 0.0) - seconds
+    return used
+
+
+def postfix_cpu_seconds(mta: PostfixInstance) -> float:
+    """CPU of the Postfix master and every daemon it ran (exited ones are in its cutime)."""
+    return sum(postfix_cpu_by_process(mta).values())
 
 
 def delivered(mta: PostfixInstance, sink_port: int) -> int:
@@ -176,16 +203,44 @@ def check_signed(mta: PostfixInstance, sink: SmtpSink, ports: dict[str, int]) ->
     """One message per arrangement first: signed by the expected signer (or not at all)."""
     for name in ARRANGEMENTS:
         data = (f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: check-{name}\r\n"
-                f"Message-ID: <check-{name}@example.org>\r\n\r\nHello.\r\n")  # fmt: skip
+                f"Date: {formatdate()}\r\nMessage-ID: <check-{name}@example.org>\r\n"
+                "\r\nHello.\r\n")  # fmt: skip
         with smtplib.SMTP("127.0.0.1", ports[name], timeout=60) as client:
             client.sendmail(SENDER, [RCPT], data)
     found = {m.header("Subject"): m.data for m in sink.wait_for(len(ARRANGEMENTS), 60)}
+    signatures: dict[str, dict[str, str]] = {}
     for name in ARRANGEMENTS:
         data = found[f"check-{name}"]
         signed = data.count(b"DKIM-Signature:")
         assert signed == (0 if name == "plain" else 1), (name, data[:600])
-        assert signed == 0 or b"d=example.org; s=bench;" in data, (name, data[:600])
+        assert b"DomainKey-Signature:" not in data, (name, data[:600])  # DKIM only, as OpenDKIM
+        if signed:
+            tags = signature_tags(data)
+            assert tags["d"] == "example.org" and tags["s"] == "bench", (name, tags)
+            signatures[name] = tags
+    # Like with like: the same algorithm, canonicalization, key (size) and header fields
+    # (in either order), or the comparison is void.
+    reference = signatures["milter"]
+    for name, tags in signatures.items():
+        fields = sorted(tags["h"].lower().split(":"))
+        shown = f"a={tags['a']} c={tags['c']} h={':'.join(fields)}, b= {len(tags['b'])} chars"
+        print(f"{name:<13} signs {shown}")
+        assert tags["a"] == reference["a"] and tags["c"] == reference["c"], (name, tags)
+        assert len(tags["b"]) == len(reference["b"]), (name, "key size differs")
+        assert fields == sorted(reference["h"].lower().split(":")), (name, tags, reference)
     sink.clear()
+
+
+def signature_tags(data: bytes) -> dict[str, str]:
+    """The tags of the message's DKIM-Signature field (white space removed), e.g. {"a": ...}."""
+    match = re.search(rb"^DKIM-Signature:(.*?)\r\n(?![ \t])", data, re.MULTILINE | re.DOTALL)
+    assert match is not None
+    value = re.sub(rb"\s+", b"", match.group(1)).decode("ascii")
+    tags = dict(part.split("=", 1) for part in value.split(";") if "=" in part)
+    tags.setdefault("c", "simple/simple")
+    if "/" not in tags["c"]:
+        tags["c"] += "/simple"  # RFC 6376 3.5: a lone algorithm is the header's; body simple
+    return tags
 
 
 def main() -> int:
@@ -197,6 +252,10 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=8, help="smtp-source sessions (8)")
     parser.add_argument("--size", type=int, default=3000, help="message size in bytes (3000)")
     parser.add_argument("--workers", type=int, default=0, help="dkproxy workers (one per CPU)")
+    parser.add_argument("--keep-log", metavar="FILE", help="write Postfix's log to FILE")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also show Postfix's CPU by service"
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -252,6 +311,7 @@ def main() -> int:
         rates: dict[str, list[float]] = {name: [] for name in measured}
         cpu_ms: dict[str, list[float]] = {name: [] for name in measured}
         postfix_ms: dict[str, list[float]] = {name: [] for name in measured}
+        breakdown: dict[str, dict[str, list[float]]] = {name: {} for name in measured}
         signer_pids = {
             "milter": opendkim.pid,
             "after-queue": processes[0].proc.pid,  # type: ignore[union-attr]
@@ -264,10 +324,12 @@ def main() -> int:
                     continue
                 signer_pid = signer_pids.get(name)
                 cpu = cpu_seconds(signer_pid) if signer_pid else 0.0
-                postfix_cpu = postfix_cpu_seconds(mta)
+                postfix_cpu = postfix_cpu_by_process(mta)
                 rates[name].append(run_once(mta, sink, ports[name], args))
-                used = postfix_cpu_seconds(mta) - postfix_cpu
-                postfix_ms[name].append(used * 1000 / args.messages)
+                by_service = cpu_used_by_service(postfix_cpu, postfix_cpu_by_process(mta))
+                postfix_ms[name].append(sum(by_service.values()) * 1000 / args.messages)
+                for service, used in by_service.items():
+                    breakdown[name].setdefault(service, []).append(used * 1000 / args.messages)
                 if signer_pid:
                     used = cpu_seconds(signer_pid) - cpu
                     cpu_ms[name].append(used * 1000 / args.messages)
@@ -276,6 +338,8 @@ def main() -> int:
             print(f"round {round_number + 1}: {shown}", flush=True)
     finally:
         if mta is not None:
+            if args.keep_log:
+                Path(args.keep_log).write_text(mta.maillog(), encoding="utf-8")
             mta.cleanup()
         for proxy in processes:
             proxy.stop()
@@ -294,6 +358,15 @@ def main() -> int:
         postfix = statistics.median(postfix_ms[name])
         print(f"  {name:<13} {medians[name]:7.0f}/s   {ratio:4.2f}x the OpenDKIM milter"
               f"   CPU ms/message: Postfix {postfix:.2f}{cpu}")  # fmt: skip
+    if args.breakdown:
+        print("\nPostfix CPU ms/message by service (median; smtpd 127.0.0.1:P is the service")
+        print("on port P; exited daemons: those that ended during the run):")
+        for name in measured:
+            parts = {service: statistics.median(values) for service, values in
+                     breakdown[name].items()}  # fmt: skip
+            ranked = sorted(parts.items(), key=lambda item: -item[1])
+            shown = ", ".join(f"{service} {ms:.2f}" for service, ms in ranked if ms >= 0.01)
+            print(f"  {name:<13} {shown}")
     return 0
 
 

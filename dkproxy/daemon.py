@@ -17,6 +17,7 @@ import pwd
 import re
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -189,3 +190,24 @@ def sd_notify(state: str) -> bool:
         log.warning("cannot notify systemd (%s): %s", address.lstrip("\0"), exc)
         return False
     return True
+
+
+def notify_reloading() -> bool:
+    """Tell systemd a reload (SIGHUP) has begun: "RELOADING=1" with "MONOTONIC_USEC=".
+
+    sd_notify(3): the unit is "reloading" until the next "READY=1". MONOTONIC_USEC
+    (CLOCK_MONOTONIC in microseconds) is what Type=notify-reload (systemd >= 253) needs to
+    match the message to the signal it sent; older systemd ignores the field.
+    """
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return sd_notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+
+
+def notify_reloaded(status: str) -> bool:
+    """Tell systemd the reload is over ("READY=1"); `status` says how it went (STATUS=)."""
+    return sd_notify(f"READY=1\nSTATUS={status}")
+
+
+def notify_stopping() -> bool:
+    """Tell systemd a stop has begun ("STOPPING=1"): sessions in flight are finishing."""
+    return sd_notify("STOPPING=1\nSTATUS=stopping: finishing the sessions in flight")

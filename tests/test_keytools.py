@@ -679,6 +679,36 @@ def test_check_config_inbound(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "dmarc.reject  reject" in run.out
 
 
+@pytest.mark.parametrize(
+    ("mode", "name", "text", "shown"),
+    [
+        ("out", "out.conf", "metrics 9121\n", "metrics: http://127.0.0.1:9121/metrics"),
+        ("out", "out.conf", "", "metrics: off"),
+        ("out", "out.toml", 'metrics = "[::1]:9200"\n', "metrics: http://[::1]:9200/metrics"),
+        ("out", "out.toml", "", "metrics: off"),
+        ("in", "in.conf", "metrics 10.0.0.7\n", "metrics: http://10.0.0.7:9120/metrics"),
+        ("in", "in.conf", "", "metrics: off"),
+    ],
+)  # fmt: skip
+def test_check_config_shows_the_metrics_endpoint_or_off(
+    mode: str, name: str, text: str, shown: str, tmp_path: Path, private_key: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """Where the scraper must look: a bare port is on loopback, a bare host on port 9120."""
+    if name.endswith(".toml"):
+        text = (f'mode = "{mode}"\nlisten = "127.0.0.1:10027"\nrelay = "127.0.0.1:10028"\n'
+                f'{text}[defaults]\nkey = "{private_key}"\nselector = "s1"\n'
+                '[[sign]]\nmatch = "example.org"\n[[sign.signature]]\ntype = "dkim"\n')  # fmt: skip
+    elif mode == "out":
+        text = ("listen 127.0.0.1:10027\nrelay 127.0.0.1:10028\n"
+                f"{text}keyfile {private_key}\nselector s1\ndomain example.org\n")  # fmt: skip
+    else:
+        text = f"listen 127.0.0.1:10025\nrelay 127.0.0.1:10026\nhostname mx.example.org\n{text}"
+    run = keytool(capsys, "check-config", "--mode", mode, _write(tmp_path / name, text))
+    assert run.status == 0, run.err
+    assert [line for line in run.out.splitlines() if line.startswith("metrics")] == [shown]
+
+
 def test_split_txt_respects_the_255_byte_limit_exactly() -> None:
     assert split_txt("a" * 255) == [b"a" * 255]
     assert split_txt("a" * 256) == [b"a" * 255, b"a"]

@@ -24,8 +24,9 @@ import smtplib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import authres
 import pytest
@@ -58,27 +59,35 @@ LOOPBACK = "127.0.0.1"
 # the shipped master.cf snippets, moved to free ports
 
 
-def outbound_services(submission: int, filter_port: int, reinject: int) -> str:
-    """conf/postfix-master-out.cf on test ports; the submission service keeps its filter and
-    address-mapping options but lets mynetworks submit without TLS and SASL."""
+#: The submission service's TLS and SASL requirements replaced by "mynetworks may submit"
+#: (the tests have no certificates or SASL users); everything else is run as shipped.
+OPEN_SUBMISSION: dict[str, str | None] = {
+    "smtpd_tls_security_level": None,
+    "smtpd_sasl_auth_enable": None,
+    "smtpd_client_restrictions": "permit_mynetworks,reject",
+}
+
+
+def outbound_services(
+    submission: int, filter_port: int, reinject: int, snippet: str = "postfix-master-out.cf"
+) -> str:
+    """An outbound snippet of conf/ (postfix-master-out.cf, or -out-proxy.cf for the
+    before-queue recipe) on test ports, its submission service open to mynetworks."""
     return adapt_master_cf(
-        (CONF / "postfix-master-out.cf").read_text(encoding="utf-8"),
+        (CONF / snippet).read_text(encoding="utf-8"),
         ports={10027: filter_port, 10028: reinject},
         services={"submission": f"{LOOPBACK}:{submission}"},
-        options={
-            "submission": {
-                "smtpd_tls_security_level": None,
-                "smtpd_sasl_auth_enable": None,
-                "smtpd_client_restrictions": "permit_mynetworks,reject",
-            }
-        },
+        options={"submission": OPEN_SUBMISSION},
     )
 
 
-def inbound_services(public: int, filter_port: int, reinject: int) -> str:
-    """conf/postfix-master-in.cf on test ports (its port-25 smtpd moved to `public`)."""
+def inbound_services(
+    public: int, filter_port: int, reinject: int, snippet: str = "postfix-master-in.cf"
+) -> str:
+    """An inbound snippet of conf/ (postfix-master-in.cf, or -in-proxy.cf for the
+    before-queue recipe) on test ports, its port-25 smtpd moved to `public`."""
     return adapt_master_cf(
-        (CONF / "postfix-master-in.cf").read_text(encoding="utf-8"),
+        (CONF / snippet).read_text(encoding="utf-8"),
         ports={10025: filter_port, 10026: reinject},
         services={"smtp": f"{LOOPBACK}:{public}"},
     )
@@ -157,6 +166,44 @@ def dkproxy() -> Iterator[Callable[..., ProxyProcess]]:
 
 # --------------------------------------------------------------------------------------------
 # messages and what arrives
+
+
+class Recipe(NamedTuple):
+    """A shipped recipe running: a private Postfix, dkproxy as its filter, a sink behind."""
+
+    front: int  # the port clients use: submission (outbound) or port 25 (inbound)
+    filter_port: int  # dkproxy's
+    reinject: int  # the smtpd dkproxy hands the mail back to
+    sink: SmtpSink  # Postfix's relayhost
+    proxy: ProxyProcess
+    mta: PostfixInstance
+
+
+@pytest.fixture
+def recipe(
+    postfix: Callable[..., PostfixInstance],
+    dkproxy: Callable[..., ProxyProcess],
+    smtp_sink: Callable[..., SmtpSink],
+) -> Callable[..., Recipe]:
+    """Factory: `recipe(services, mode, args, relay=None, main=None)` starts a sink, dkproxy
+    (relaying to the reinjection smtpd unless `relay` says otherwise) and a Postfix running
+    `services(front, filter_port, reinject)`, e.g. `outbound_services`."""
+
+    def start(
+        services: Callable[[int, int, int], str],
+        mode: str,
+        args: list[str],
+        relay: str | None = None,
+        main: dict[str, str] | None = None,
+    ) -> Recipe:
+        front, filter_port, reinject = free_port(), free_port(), free_port()
+        sink = smtp_sink()
+        proxy = dkproxy(mode, args, relay or f"{LOOPBACK}:{reinject}", port=filter_port)
+        mta = postfix(services=services(front, filter_port, reinject),
+                      relayhost=f"[{LOOPBACK}]:{sink.port}", main=main)  # fmt: skip
+        return Recipe(front, filter_port, reinject, sink, proxy, mta)
+
+    return start
 
 
 def message(subject: str, body: bytes, *extra: str) -> bytes:
@@ -307,18 +354,10 @@ def assert_signed_in_between(added: list[tuple[str, bytes]]) -> None:
 
 
 def test_outbound_signing_through_postfix(
-    postfix: Callable[..., PostfixInstance],
-    dkproxy: Callable[..., ProxyProcess],
-    smtp_sink: Callable[..., SmtpSink],
-    signing_key: str,
-    dns_server: DNSServer,
+    recipe: Callable[..., Recipe], signing_key: str, dns_server: DNSServer
 ) -> None:
-    submission, filter_port, reinject = free_port(), free_port(), free_port()
-    sink = smtp_sink()
-    dkproxy("out", sign_args(signing_key), f"{LOOPBACK}:{reinject}", port=filter_port)
-    mta = postfix(
-        services=outbound_services(submission, filter_port, reinject),
-        relayhost=f"[{LOOPBACK}]:{sink.port}",
+    submission, filter_port, _, sink, _, mta = recipe(
+        outbound_services, "out", sign_args(signing_key)
     )
     eight_bit = (
         ".a line starting with a dot\r\n"
@@ -374,21 +413,17 @@ def test_outbound_signing_through_postfix(
 
 
 def test_postfix_defers_while_dkproxy_cannot_relay_and_delivers_after_flush(
-    postfix: Callable[..., PostfixInstance],
+    recipe: Callable[..., Recipe],
     dkproxy: Callable[..., ProxyProcess],
-    smtp_sink: Callable[..., SmtpSink],
     signing_key: str,
     dns_server: DNSServer,
 ) -> None:
-    submission, filter_port, reinject, dead = free_port(), free_port(), free_port(), free_port()
-    sink = smtp_sink()
-    broken = dkproxy("out", sign_args(signing_key), f"{LOOPBACK}:{dead}", port=filter_port)
-    mta = postfix(
-        services=outbound_services(submission, filter_port, reinject),
-        relayhost=f"[{LOOPBACK}]:{sink.port}",
+    submission, filter_port, reinject, sink, broken, mta = recipe(
+        outbound_services, "out", sign_args(signing_key),
+        relay=f"{LOOPBACK}:{free_port()}",  # nothing listens there
         # No automatic retry within the test: only `postqueue -f` can deliver it.
         main={"queue_run_delay": "300s", "minimal_backoff_time": "300s"},
-    )
+    )  # fmt: skip
     data = message("deferred", b"Must not be lost.\r\n")
     submit(submission, data)
 
@@ -440,20 +475,13 @@ def props(result: authres.core.AuthenticationResult) -> dict[tuple[str, str], st
 
 
 def test_inbound_verification_through_postfix(
-    postfix: Callable[..., PostfixInstance],
+    recipe: Callable[..., Recipe],
     dkproxy: Callable[..., ProxyProcess],
-    smtp_sink: Callable[..., SmtpSink],
     signing_key: str,
     dns_server: DNSServer,
 ) -> None:
-    public, filter_port, reinject = free_port(), free_port(), free_port()
-    sink = smtp_sink()
     verify_args = [f"--hostname={AUTHSERV}", f"--dns_server={dns_server.address}"]
-    dkproxy("in", verify_args, f"{LOOPBACK}:{reinject}", port=filter_port)
-    mta = postfix(
-        services=inbound_services(public, filter_port, reinject),
-        relayhost=f"[{LOOPBACK}]:{sink.port}",
-    )
+    public, filter_port, _, sink, _, mta = recipe(inbound_services, "in", verify_args)
     # An independent signer (Perl Mail::DKIM: DKIM, then DomainKeys over it) ...
     by_perl = message("perl-signed", b"Signed by Mail::DKIM.\r\n")
     by_perl = sign_mail_dkim(by_perl, signing_key, DOMAIN, SELECTOR)
@@ -508,19 +536,9 @@ def local_services(submission: int, filter_port: int, reinject: int) -> str:
 
 
 def test_locally_submitted_mail_is_signed_via_pickup(
-    postfix: Callable[..., PostfixInstance],
-    dkproxy: Callable[..., ProxyProcess],
-    smtp_sink: Callable[..., SmtpSink],
-    signing_key: str,
-    dns_server: DNSServer,
+    recipe: Callable[..., Recipe], signing_key: str, dns_server: DNSServer
 ) -> None:
-    submission, filter_port, reinject = free_port(), free_port(), free_port()
-    sink = smtp_sink()
-    dkproxy("out", sign_args(signing_key), f"{LOOPBACK}:{reinject}", port=filter_port)
-    mta = postfix(
-        services=local_services(submission, filter_port, reinject),
-        relayhost=f"[{LOOPBACK}]:{sink.port}",
-    )
+    submission, filter_port, _, sink, _, mta = recipe(local_services, "out", sign_args(signing_key))
     # What cron or a script hands to sendmail: LF line ends, no Date or Message-ID of its own.
     cron = b"From: Cron Daemon <alice@example.org>\nTo: bob@example.net\nSubject: cron\n\nok\n"
     script = message("script", b"Report from a script.\r\n").replace(b"\r\n", b"\n")
@@ -544,45 +562,15 @@ def test_locally_submitted_mail_is_signed_via_pickup(
 # --------------------------------------------------------------------------------------------
 # before-queue (smtpd_proxy_filter): outbound on submission, inbound on port 25
 
-
-def proxy_outbound_services(submission: int, filter_port: int, reinject: int) -> str:
-    """conf/postfix-master-out-proxy.cf on test ports, mynetworks may submit (no TLS/SASL)."""
-    return adapt_master_cf(
-        (CONF / "postfix-master-out-proxy.cf").read_text(encoding="utf-8"),
-        ports={10027: filter_port, 10028: reinject},
-        services={"submission": f"{LOOPBACK}:{submission}"},
-        options={
-            "submission": {
-                "smtpd_tls_security_level": None,
-                "smtpd_sasl_auth_enable": None,
-                "smtpd_client_restrictions": "permit_mynetworks,reject",
-            }
-        },
-    )
-
-
-def proxy_inbound_services(public: int, filter_port: int, reinject: int) -> str:
-    """conf/postfix-master-in-proxy.cf on test ports (its port-25 smtpd moved to `public`)."""
-    return adapt_master_cf(
-        (CONF / "postfix-master-in-proxy.cf").read_text(encoding="utf-8"),
-        ports={10025: filter_port, 10026: reinject},
-        services={"smtp": f"{LOOPBACK}:{public}"},
-    )
+OUT_PROXY_CF = "postfix-master-out-proxy.cf"
+IN_PROXY_CF = "postfix-master-in-proxy.cf"
 
 
 def test_outbound_before_queue_signs_on_the_way_into_the_queue(
-    postfix: Callable[..., PostfixInstance],
-    dkproxy: Callable[..., ProxyProcess],
-    smtp_sink: Callable[..., SmtpSink],
-    signing_key: str,
-    dns_server: DNSServer,
+    recipe: Callable[..., Recipe], signing_key: str, dns_server: DNSServer
 ) -> None:
-    submission, filter_port, reinject = free_port(), free_port(), free_port()
-    sink = smtp_sink()
-    signer = dkproxy("out", sign_args(signing_key), f"{LOOPBACK}:{reinject}", port=filter_port)
-    mta = postfix(
-        services=proxy_outbound_services(submission, filter_port, reinject),
-        relayhost=f"[{LOOPBACK}]:{sink.port}",
+    submission, filter_port, _, sink, signer, mta = recipe(
+        partial(outbound_services, snippet=OUT_PROXY_CF), "out", sign_args(signing_key)
     )
     eight_bit = "Grüße aus Köln\r\n.leading dot\r\n".encode()
     cases = {
@@ -613,36 +601,36 @@ def test_outbound_before_queue_signs_on_the_way_into_the_queue(
     assert not re.search(sent_to(filter_port), log)  # nothing was delivered *to* dkproxy
     assert len(re.findall(r"rcpts=1 .* signed=", signer.log)) == len(cases)
 
+    # Several recipients (speed_adjust replays them all through dkproxy at the end of DATA):
+    # one signed copy for all of them.
+    many = [RCPT, "carol@example.net", "dave@example.net"]
+    with smtplib.SMTP(LOOPBACK, submission, local_hostname=CLIENT_HELO, timeout=60) as client:
+        assert client.sendmail(SENDER, many, message("three", b"To three.\r\n")) == {}
+    three = by_subject(sink.wait_for(len(cases) + 1, timeout=60))["three"]
+    assert [arg.strip("<>").split(">")[0] for arg in three.rcpt_args] == many, three.rcpt_args
+    assert_signed_by_dkproxy([three.data], dns_server)
+
     # dkproxy down: the client is told to come back later; nothing is queued unsigned.
-    # (Postfix answers the RCPT with 451 when it cannot open the proxy session, and tells
-    # the postmaster, whose notice goes to the sink.)
+    # (With speed_adjust Postfix opens the proxy session once it has the whole message, so
+    # the 4xx answers the end of DATA; it tells the postmaster, whose notice goes to the sink.)
     signer.stop()
-    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+    with pytest.raises(smtplib.SMTPDataError) as refused:
         submit(submission, message("while-down", b"Must not be queued unsigned.\r\n"))
-    ((code, _text),) = refused.value.recipients.values()
-    assert 400 <= code < 500, refused.value
+    assert 400 <= refused.value.smtp_code < 500, refused.value
     time.sleep(1)
     assert mta.queue() == []
     assert "while-down" not in {msg.header("Subject") for msg in sink.messages()}
 
 
 def test_inbound_before_queue_rejects_at_smtp_time(
-    postfix: Callable[..., PostfixInstance],
-    dkproxy: Callable[..., ProxyProcess],
-    smtp_sink: Callable[..., SmtpSink],
-    signing_key: str,
-    clean_dns: DNSServer,
+    recipe: Callable[..., Recipe], signing_key: str, clean_dns: DNSServer
 ) -> None:
     strict = "strict.example"
     clean_dns.publish({f"_dmarc.{strict}": ["v=DMARC1; p=reject"], strict: ["v=spf1 -all"]})
-    public, filter_port, reinject = free_port(), free_port(), free_port()
-    sink = smtp_sink()
     verify_args = [f"--hostname={AUTHSERV}", f"--dns_server={clean_dns.address}",
                    "--reject_fail"]  # fmt: skip
-    verifier = dkproxy("in", verify_args, f"{LOOPBACK}:{reinject}", port=filter_port)
-    mta = postfix(
-        services=proxy_inbound_services(public, filter_port, reinject),
-        relayhost=f"[{LOOPBACK}]:{sink.port}",
+    public, _, _, sink, verifier, mta = recipe(
+        partial(inbound_services, snippet=IN_PROXY_CF), "in", verify_args
     )
     good = message("perl-signed", b"Signed by Mail::DKIM.\r\n")
     good = sign_mail_dkim(good, signing_key, DOMAIN, SELECTOR)

@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +191,93 @@ def test_no_ready_when_the_port_is_taken_or_a_key_is_bad(
             )
             assert proc.returncode == status, proc.stderr
             assert receive(sock, 0.2) == [], proc.stderr
+
+
+def fields(datagram: str) -> dict[str, str]:
+    """The KEY=VALUE lines of one sd_notify datagram."""
+    return dict(line.partition("=")[::2] for line in datagram.split("\n") if line)
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+@pytest.fixture
+def ready_proxy(
+    notify_socket: tuple[socket.socket, str], smtp_sink: type[SmtpSink]
+) -> Iterator[Callable[[list[str]], ProxyProcess]]:
+    """Factory: `ready_proxy(args)` starts `dkproxy out ARGS` under a NOTIFY_SOCKET and
+    returns once READY=1 has arrived; the socket (`notify_socket`) then holds nothing."""
+    sock, path = notify_socket
+    with ExitStack() as stack:
+
+        def start(args: list[str]) -> ProxyProcess:
+            proxy = ProxyProcess("out", args, relay=smtp_sink().address,
+                                 env={"NOTIFY_SOCKET": path})  # fmt: skip
+            stack.enter_context(proxy)
+            sock.settimeout(20)
+            assert fields(sock.recv(4096).decode())["READY"] == "1"
+            return proxy
+
+        yield start
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_says_reloading_then_ready_once_every_worker_has_reloaded(
+    workers: int,
+    ready_proxy: Callable[[list[str]], ProxyProcess],
+    notify_socket: tuple[socket.socket, str],
+    key_dir: KeySet,
+    tmp_path: Path,
+) -> None:
+    """SIGHUP: RELOADING=1 (with MONOTONIC_USEC, for Type=notify-reload) from the main
+    process, then READY=1 only after each worker has rebuilt its configuration; a reload
+    that fails (the key file broken meanwhile) still ends in READY=1, saying so."""
+    sock, _ = notify_socket
+    key = tmp_path / "key.pem"
+    shutil.copy(key_dir.rsa2048.path, key)
+    proxy = ready_proxy([f"--keyfile={key}", *out_args(key_dir, workers)[1:]])
+    for attempt, taken in ((1, True), (2, False)):
+        if not taken:
+            key.write_text("-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
+        before = monotonic_usec()
+        proxy.signal(signal.SIGHUP)
+        reloading = fields(sock.recv(4096).decode())
+        assert reloading["RELOADING"] == "1", reloading
+        assert before <= int(reloading["MONOTONIC_USEC"]) <= monotonic_usec()
+        ready = fields(sock.recv(4096).decode())
+        assert ready["READY"] == "1", ready
+        assert ("reloaded" if taken else "reload failed") in ready["STATUS"], ready
+        # READY=1 came after every worker had finished: each has logged its outcome.
+        outcome = "configuration reloaded" if taken else "reload failed"
+        assert proxy.log.count(outcome) == workers, proxy.log
+        assert proxy.log.count("configuration reloaded") == workers  # not again
+        assert attempt == 1 or proxy.log.count("reload failed") == workers
+        assert receive(sock, 0.3) == []
+    # Still serving with the configuration it kept.
+    with smtplib.SMTP(proxy.host, proxy.port, timeout=20) as client:
+        assert client.noop()[0] == 250
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stop_says_stopping_once_and_exits_0(
+    workers: int,
+    ready_proxy: Callable[[list[str]], ProxyProcess],
+    notify_socket: tuple[socket.socket, str],
+    key_dir: KeySet,
+) -> None:
+    sock, _ = notify_socket
+    proxy = ready_proxy(out_args(key_dir, workers))
+    # A session in flight: the stop waits for it, and STOPPING=1 comes at once.
+    client = smtplib.SMTP(proxy.host, proxy.port, timeout=20)
+    assert client.ehlo()[0] == 250
+    proxy.signal(signal.SIGTERM)
+    stopping = fields(sock.recv(4096).decode())
+    assert stopping["STOPPING"] == "1", stopping
+    assert proxy.proc is not None and proxy.proc.poll() is None
+    client.quit()
+    assert proxy.proc.wait(40) == 0
+    assert receive(sock, 0.3) == []  # once, and no READY=1 after it
 
 
 # -- SysV init script ---------------------------------------------------------------------------

@@ -5,8 +5,11 @@ the start with a clear error. With `workers > 1` the parent forks that many chil
 all accept on the inherited socket (keys are loaded before the fork and shared copy-on-write)
 and restarts any child that dies. SIGTERM/SIGINT stop accepting and let sessions finish;
 SIGHUP rebuilds the processor from the configuration (a broken new configuration is logged
-and the old one kept). Each worker serves its connections with the aiosmtpd listener
-(`loop.create_server` on the inherited socket, one `Listener` per connection).
+and the old one kept). Under systemd the main process says STOPPING=1 when a stop begins and
+RELOADING=1 ... READY=1 around a reload (sd_notify(3)); with several workers the supervisor
+says READY=1 once every worker has reported its reload done on a pipe. Each worker serves
+its connections with the aiosmtpd listener (`loop.create_server` on the inherited socket,
+one `Listener` per connection).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -23,7 +27,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from dkproxy import metrics
-from dkproxy.daemon import AccessList, sd_notify
+from dkproxy.daemon import (
+    AccessList,
+    notify_reloaded,
+    notify_reloading,
+    notify_stopping,
+    sd_notify,
+)
 from dkproxy.smtp.downstream import DownstreamPool, PoolPressure
 from dkproxy.smtp.listener import Listener
 from dkproxy.smtp.proxy import Assembler, Processor, Proxy
@@ -33,6 +43,10 @@ log = logging.getLogger("dkproxy.server")
 
 #: How long sessions may run on after a stop request before they are cut.
 GRACE_SECONDS = 30.0
+
+#: How long the supervisor waits for its workers to report a reload done before it tells
+#: systemd READY=1 anyway (a worker that died meanwhile never reports; it is restarted).
+RELOAD_REPORT_SECONDS = 30.0
 
 ProcessorFactory = Callable[[], Processor]
 
@@ -73,6 +87,12 @@ class ProxyServer:
         self.max_connections = 0
         self.connections = 0
         self.pool = DownstreamPool(settings.downstream(), pressure=pressure)
+        #: This process is the one systemd watches (a single worker, no supervisor): it
+        #: tells systemd itself when a stop or a reload begins and when a reload is done.
+        self.notifies_systemd = False
+        #: In a worker of several: tells the supervisor this worker's reload is done (with
+        #: whether the new configuration was taken).
+        self.reload_reported: Callable[[bool], None] | None = None
 
     @property
     def processor(self) -> Processor:
@@ -119,12 +139,27 @@ class ProxyServer:
             self.pool.expire()
 
     def reload(self) -> None:
+        if self.notifies_systemd:
+            notify_reloading()
         try:
             self.logic.processor = self.processor_factory()
         except Exception as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
+            taken, status = False, f"reload failed, running configuration kept: {exc}"
         else:
             log.info("configuration reloaded")
+            taken, status = True, "configuration reloaded"
+        if self.notifies_systemd:
+            notify_reloaded(f"accepting mail; {status}")
+        if self.reload_reported is not None:
+            self.reload_reported(taken)
+
+    def _stop(self) -> None:
+        """SIGTERM/SIGINT: stop accepting; sessions in flight finish (see serve)."""
+        assert self._stopping is not None
+        if self.notifies_systemd and not self._stopping.is_set():
+            notify_stopping()
+        self._stopping.set()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,7 +170,7 @@ class ProxyServer:
         )
         server = await loop.create_server(self._listener, sock=self.sock)
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._stopping.set)
+            loop.add_signal_handler(signum, self._stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         address = self.sock.getsockname()
         log.info("listening on %s:%s, relaying to %s:%s (pid %d)",
@@ -194,11 +229,13 @@ def run(
     sd_notify(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
     pressure = PoolPressure()  # shared by the workers forked below
 
-    def serve_here() -> None:
+    def serve_here(reload_reported: Callable[[bool], None] | None = None) -> None:
         server = ProxyServer(
             sock, settings, processor, processor_factory, assembler, access, pressure
         )
         server.max_connections = max_connections
+        server.notifies_systemd = workers <= 1
+        server.reload_reported = reload_reported
         runner(server.serve())
 
     if workers <= 1:
@@ -207,9 +244,20 @@ def run(
     return _supervise(serve_here, workers, sock)
 
 
-def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket) -> int:
+def _supervise(
+    serve_here: Callable[[Callable[[bool], None]], None], workers: int, sock: socket.socket
+) -> int:
     children: dict[int, float] = {}
     stopping = False
+    reloading = False
+    # Workers write "PID 1" (reloaded) or "PID 0" (failed, old configuration kept) on this
+    # pipe when a reload is done (a write under PIPE_BUF is atomic), so that the supervisor,
+    # the process systemd listens to, can say READY=1 once all are done.
+    reports, report_end = os.pipe()
+    os.set_blocking(reports, False)
+
+    def report_reload(taken: bool) -> None:
+        os.write(report_end, f"{os.getpid()} {int(taken)}\n".encode("ascii"))
 
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
@@ -224,9 +272,10 @@ def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket
             for signum in handled:
                 signal.signal(signum, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            os.close(reports)
             code = 0
             try:
-                serve_here()
+                serve_here(report_reload)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
                 code = 1
@@ -245,6 +294,8 @@ def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket
 
     def on_stop(signum: int, _frame: object) -> None:
         nonlocal stopping
+        if not stopping:
+            notify_stopping()
         stopping = True
         # Our copy of the listening socket would keep the port open once the workers close
         # theirs: new clients would be accepted by the kernel and never greeted, instead of
@@ -254,7 +305,31 @@ def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: forward(signal.SIGHUP))
+
+    def on_reload(_signum: int, _frame: object) -> None:
+        nonlocal reloading
+        if reloading or stopping:  # again during a reload (one READY=1), or while stopping
+            forward(signal.SIGHUP)
+            return
+        reloading = True
+        try:
+            notify_reloading()
+            with contextlib.suppress(BlockingIOError):
+                while os.read(reports, 4096):  # reports of an earlier reload that came late
+                    pass
+            waiting = set(children)
+            forward(signal.SIGHUP)
+            failed = _await_reload_reports(reports, waiting)
+        finally:
+            reloading = False
+        status = (
+            f"reload failed in {failed} worker(s), running configuration kept"
+            if failed
+            else "configuration reloaded"
+        )
+        notify_reloaded(f"accepting mail, {len(children)} worker(s); {status}")
+
+    signal.signal(signal.SIGHUP, on_reload)
     for _ in range(workers):
         if stopping:
             break
@@ -276,4 +351,33 @@ def _supervise(serve_here: Callable[[], None], workers: int, sock: socket.socket
             time.sleep(1)  # do not spin when a worker dies at once
         spawn()
     sys.stdout.flush()
+    os.close(reports)
+    os.close(report_end)
     return 0
+
+
+def _await_reload_reports(reports: int, waiting: set[int]) -> int:
+    """Read "PID TAKEN" lines from the `reports` pipe until every pid of `waiting` has
+    reported or exited (left unreaped for the supervisor's loop: WNOWAIT), or
+    RELOAD_REPORT_SECONDS pass. Returns how many workers reported a failed reload."""
+    deadline = time.monotonic() + RELOAD_REPORT_SECONDS
+    pending = b""
+    failed = 0
+    while waiting and time.monotonic() < deadline:
+        ready, _, _ = select.select([reports], [], [], 0.1)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                pending += os.read(reports, 4096)
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                pid, _, taken = line.partition(b" ")
+                if pid.isdigit() and int(pid) in waiting:
+                    waiting.discard(int(pid))
+                    failed += taken != b"1"
+        for pid in list(waiting):
+            try:
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    waiting.discard(pid)
+            except ChildProcessError:
+                waiting.discard(pid)
+    return failed

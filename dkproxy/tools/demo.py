@@ -158,7 +158,11 @@ def _verify(delivered: bytes, records: dict[str, str]) -> int:
     dkim_index = 0
     for position, (name, value) in enumerate(message.headers):
         if name.lower() == b"dkim-signature":
-            ok = dkim.DKIM(delivered).verify(idx=dkim_index, dnsfunc=lookup)
+            try:
+                ok = dkim.DKIM(delivered).verify(idx=dkim_index, dnsfunc=lookup)
+            except dkim.DKIMException as exc:  # e.g. a body hash mismatch is raised
+                print(f"  ({exc})")
+                ok = False
             tags = dict(part.strip().split("=", 1) for part in
                         value.decode().replace("\r\n", "").split(";") if "=" in part)  # fmt: skip
             print(f"dkim={'pass' if ok else 'fail'} header.d={tags['d']} header.s={tags['s']} "

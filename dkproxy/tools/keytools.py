@@ -116,6 +116,9 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
     print(f"{path}: {kind} configuration", file=out)
     print(f"listen  {cfg.listen}", file=out)
     print(f"relay   {cfg.relay}", file=out)
+    # Where the daemon will serve Prometheus metrics (what the scraper must be pointed at).
+    shown = f"http://{cfg.metrics}/metrics" if cfg.metrics is not None else "off"
+    print(f"metrics: {shown}", file=out)
     warnings: list[str] = []
     status = 0
     if isinstance(cfg, InboundConfig):
