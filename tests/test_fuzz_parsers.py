@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from dkproxy.mailauth import authresults, signature_checks, verifier
 from dkproxy.mailauth import domainkeys as dk
+from dkproxy.mailauth.dkim_tags import parse_tag_list
 from dkproxy.mailauth.dmarc import DmarcRecord, DmarcRecordError, DmarcResult, parse_record
 from dkproxy.mailauth.keys import load_signing_key, public_p_value
 from dkproxy.mailauth.message import Message, MessageFormatError
@@ -134,7 +135,7 @@ def test_tag_lists_round_trip(case: tuple[dict[str, str], str]) -> None:
     tags, text = case
     assert dnscheck.parse_tags(text) == tags
     assert dk._parse_tag_list(text) == tags
-    parsed = signature_checks.parse_tag_value(text.encode())
+    parsed = parse_tag_list(text.encode())
     assert {k.decode(): v.decode() for k, v in parsed.items()} == tags
 
 

@@ -48,6 +48,60 @@ KEY_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
+class KeyFacts:
+    """What RFC 6376 3.6.1 says about a key record on its own, read once per record.
+
+    `problem` makes the key unusable for any signature (bad v=, no p=, revoked, unknown k=);
+    `not_for_email` is kept apart because it is reported after the signature-dependent
+    checks (a= against k= and h=), as `signature_checks` has always ordered them.
+    """
+
+    problem: str | None
+    ktype: bytes
+    #: h= of the key, lower-cased; None when absent (every hash allowed).
+    hashes: frozenset[bytes] | None
+    not_for_email: bool
+    #: t= flags, lower-cased.
+    flags: frozenset[bytes]
+
+    @property
+    def testing(self) -> bool:
+        return b"y" in self.flags
+
+    @property
+    def strict_identity(self) -> bool:
+        return b"s" in self.flags
+
+
+def key_facts(key: dict[bytes, bytes]) -> KeyFacts:
+    """Read the per-record checks of a key record's tags (pure)."""
+    problem = None
+    version = key.get(b"v")
+    p = key.get(b"p")
+    ktype = key.get(b"k", b"rsa").lower()
+    if version is not None and version != b"DKIM1":
+        problem = "key record has unsupported version"
+    elif p is None:
+        problem = "key record has no p= tag"
+    elif not _WSP.sub(b"", p):
+        problem = "key revoked"
+    elif ktype not in (b"rsa", b"ed25519"):
+        problem = f"unsupported key type k={ktype.decode('ascii', 'replace')}"
+    hashes = key.get(b"h")
+    services = key.get(b"s")
+    not_for_email = services is not None and not (
+        {s.strip().lower() for s in services.split(b":")} & {b"*", b"email"}
+    )
+    return KeyFacts(
+        problem,
+        ktype,
+        None if hashes is None else frozenset(h.strip().lower() for h in hashes.split(b":")),
+        not_for_email,
+        frozenset(f.strip().lower() for f in key.get(b"t", b"").split(b":")),
+    )
+
+
+@dataclass(frozen=True)
 class DKIMKey:
     """One key record, parsed once.
 
@@ -63,6 +117,8 @@ class DKIMKey:
     dkimpy_key: Any = None
     openssl: rsa.RSAPublicKey | None = None
     modulus: int = 0
+    #: `key_facts` of `tags`; None with a syntax error.
+    facts: KeyFacts | None = None
 
     @property
     def syntax_error(self) -> bool:
@@ -106,10 +162,11 @@ def _parse_key(name: str, record: bytes) -> DKIMKey:
         tags = parse_tag_value(record)
     except InvalidTagValueList:
         return DKIMKey(None)
+    facts = key_facts(tags)
     try:
         pk, bits, ktag, _tlsrpt = dkim.evaluate_pk(name, record)
     except Exception as exc:  # KeyFormatError, binascii.Error, ASN.1 errors...
-        return DKIMKey(tags, error=exc.__class__.__name__)
+        return DKIMKey(tags, error=exc.__class__.__name__, facts=facts)
     openssl = None
     modulus = 0
     if ktag == b"rsa" and bits is not None and bits >= _OPENSSL_MIN_BITS:
@@ -118,7 +175,7 @@ def _parse_key(name: str, record: bytes) -> DKIMKey:
             openssl = rsa.RSAPublicNumbers(int(pk["publicExponent"]), modulus).public_key()
         except (ValueError, TypeError):
             openssl = None  # OpenSSL refuses the numbers: dkimpy's arithmetic decides
-    return DKIMKey(tags, None, bits, ktag, pk, openssl, modulus)
+    return DKIMKey(tags, None, bits, ktag, pk, openssl, modulus, facts)
 
 
 def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: DKIMKey) -> bool:

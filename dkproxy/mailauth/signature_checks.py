@@ -15,17 +15,23 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import InvalidTagValueList
 
 from . import dkim_verify
 from . import domainkeys as dk
 from .addresses import canonical_domain_or_none
 from .bodylength import uncovered_body
+from .dkim_tags import parse_tag_list
 from .dnsresolver import TxtResult
 from .message import Message
 from .verify_report import Method, SignatureResult, SigValue, VerifySettings, _finish, _replace
 
 log = logging.getLogger("dkproxy.verifier")
+
+#: What `\s` matches in a bytes pattern (RFC 6376 FWS inside b= and bh=, unfolded or not):
+#: bytes.translate drops them without a regular expression.
+_WSP_BYTES = b" \t\n\r\x0b\x0c"
+_BYTES_TIDY = re.compile(r"b'([^']*)'")
 
 # --------------------------------------------------------------------------------------------
 # Signature preparation (no network)
@@ -55,12 +61,12 @@ def _text(value: bytes | None) -> str | None:
 def _b_prefix(value: bytes | None) -> str | None:
     if not value:
         return None
-    return re.sub(rb"\s+", b"", value)[:8].decode("ascii", "replace") or None
+    return value.translate(None, _WSP_BYTES)[:8].decode("ascii", "replace") or None
 
 
 def _tidy(exc: Exception) -> str:
     """dkimpy's message without Python bytes reprs (b'h' -> h), short enough for a header."""
-    return re.sub(r"b'([^']*)'", r"\1", str(exc))[:200]
+    return _BYTES_TIDY.sub(r"\1", str(exc))[:200]
 
 
 def _internal(exc: Exception) -> str:
@@ -85,7 +91,7 @@ def _dkim_base(index: int, tags: dict[bytes, bytes]) -> SignatureResult:
 def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | _Pending:
     """Offline checks of one DKIM-Signature (RFC 6376 6.1.1); a result if it fails them."""
     try:
-        tags = parse_tag_value(value)
+        tags = parse_tag_list(value)
     except InvalidTagValueList as exc:
         base = SignatureResult("dkim", "permerror", index)
         return _finish(base, "permerror", f"malformed signature: {exc.__class__.__name__}")
@@ -98,16 +104,14 @@ def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | 
         return _finish(base, "permerror", f"invalid signature fields ({exc.__class__.__name__})")
     for name in (b"b", b"bh"):
         try:
-            base64.b64decode(re.sub(rb"\s+", b"", tags[name]), validate=True)
+            base64.b64decode(tags[name].translate(None, _WSP_BYTES), validate=True)
         except (binascii.Error, ValueError):
             return _finish(base, "permerror", f"{name.decode()}= is not valid base64")
-    signed = {h.strip().lower() for h in tags[b"h"].split(b":")}
-    if b"from" not in signed:
+    if not _signs_from(tags[b"h"]):
         return _finish(base, "permerror", "From field not signed")
-    try:
-        CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
-    except InvalidCanonicalizationPolicyError as exc:
-        return _finish(base, "permerror", f"invalid c= value {exc}")
+    problem = _c_value_problem(tags.get(b"c", b"simple/simple"))
+    if problem:
+        return _finish(base, "permerror", problem)
     try:
         domain = tags[b"d"].decode("ascii").rstrip(".")
         selector = tags[b"s"].decode("ascii")
@@ -125,26 +129,46 @@ def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | 
     )
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of h=; signers reuse a few lists
+def _signs_from(h_value: bytes) -> bool:
+    """Whether an h= list names From (RFC 6376 5.4: it must)."""
+    return b"from" in {h.strip().lower() for h in h_value.split(b":")}
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of c=; there are four valid values
+def _c_value_problem(c_value: bytes) -> str:
+    """Why c= is not a canonicalization dkimpy knows, or "" when it is one."""
+    try:
+        CanonicalizationPolicy.from_c_value(c_value)
+    except InvalidCanonicalizationPolicyError as exc:
+        return f"invalid c= value {exc}"
+    return ""
+
+
 def _prepare_dk(index: int, value: bytes) -> SignatureResult | _Pending:
-    base = SignatureResult("domainkeys", "none", index, algorithm="rsa-sha1")
     try:
         sig = dk.parse_signature(value)
     except dk.DomainKeysError as exc:
         res = dk.signature_error_result(exc)
         tags = _loose_tags(value)
-        return _replace(
-            base,
-            result=res.result,
-            reason=res.detail,
-            dk_status=res.status,
+        return SignatureResult(
+            "domainkeys",
+            res.result,
+            index,
             domain=(tags.get("d") or "").lower() or None,
             selector=tags.get("s") or None,
+            algorithm="rsa-sha1",
             b_prefix=_b_prefix((tags.get("b") or "").encode()),
+            reason=res.detail,
+            dk_status=res.status,
         )
-    base = _replace(
-        base,
+    base = SignatureResult(
+        "domainkeys",
+        "none",
+        index,
         domain=sig.d,
         selector=sig.s,
+        algorithm="rsa-sha1",
         b_prefix=_b_prefix(sig.tags.get("b", "").encode("latin-1")),
     )
     return _Pending("domainkeys", index, sig.key_name, base, dk_sig=sig)
@@ -214,34 +238,25 @@ def _verify_dkim(
     return _replace(best, reason=best.reason + note) if note else best
 
 
-def _check_key_tags(key: dict[bytes, bytes], sig: dict[bytes, bytes]) -> str | None:
-    """RFC 6376 3.6.1 / 6.1.2 checks dkimpy leaves out; a reason if the key is unusable."""
-    version = key.get(b"v")
-    if version is not None and version != b"DKIM1":
-        return "key record has unsupported version"
-    p = key.get(b"p")
-    if p is None:
-        return "key record has no p= tag"
-    if not re.sub(rb"\s+", b"", p):
-        return "key revoked"
-    ktype = key.get(b"k", b"rsa").lower()
-    if ktype not in (b"rsa", b"ed25519"):
-        return f"unsupported key type k={ktype.decode('ascii', 'replace')}"
+def _check_key_tags(facts: dkim_verify.KeyFacts, sig: dict[bytes, bytes]) -> str | None:
+    """RFC 6376 3.6.1 / 6.1.2 checks dkimpy leaves out; a reason if the key is unusable.
+
+    The record-only checks were done once per record (`dkim_verify.key_facts`); here only
+    what depends on the signature (a=, i=, d=) is looked at, in the same order as before.
+    """
+    if facts.problem:
+        return facts.problem
+    ktype = facts.ktype
     algorithm = sig[b"a"].lower()
     if not algorithm.startswith(ktype + b"-"):
         return "key type does not match signature algorithm"
-    hashes = key.get(b"h")
-    if hashes is not None:
+    if facts.hashes is not None:
         wanted = algorithm.split(b"-", 1)[1]
-        if wanted not in {h.strip().lower() for h in hashes.split(b":")}:
+        if wanted not in facts.hashes:
             return f"key does not allow hash {wanted.decode('ascii', 'replace')}"
-    services = key.get(b"s")
-    if services is not None:
-        names = {s.strip().lower() for s in services.split(b":")}
-        if not names & {b"*", b"email"}:
-            return "key is not for email"
-    flags = {f.strip().lower() for f in key.get(b"t", b"").split(b":")}
-    if b"s" in flags:
+    if facts.not_for_email:
+        return "key is not for email"
+    if facts.strict_identity:
         identity = sig.get(b"i", b"@" + sig[b"d"])
         if not _same_domain(identity.rpartition(b"@")[2], sig[b"d"]):
             return "key forbids subdomain identities (t=s)"
@@ -266,52 +281,53 @@ def _verify_dkim_record(
     parsed = dkim_verify.key_for(pending.key_name, record)
     if parsed.tags is None:
         return _finish(base, "permerror", "key record syntax error")
-    key = parsed.tags
-    problem = _check_key_tags(key, tags)
+    facts = parsed.facts
+    assert facts is not None
+    problem = _check_key_tags(facts, tags)
     if problem:
         return _finish(base, "permerror", problem)
     if parsed.error is not None:
         return _finish(base, "permerror", f"unusable key ({parsed.error})")
     bits = parsed.bits
-    testing = b"y" in {f.strip().lower() for f in key.get(b"t", b"").split(b":")}
-    base = _replace(base, key_bits=bits, testing=testing)
+    testing = facts.testing
+
+    def verdict(result: SigValue, reason: str, **more: object) -> SignatureResult:
+        # One new result per signature, not one per step: the key's facts go in with it.
+        return _replace(base, result=result, reason=reason, key_bits=bits, testing=testing, **more)
+
     try:
         valid = dkim_verify.verify(pending.hashes, pending.dkim_position, tags, parsed)
     except dkim.ValidationError as exc:
         text = _tidy(exc)
         if "body hash mismatch" in text:
-            return _finish(base, "fail", "body hash mismatch")
-        return _finish(base, "permerror", text)
+            return verdict("fail", "body hash mismatch")
+        return verdict("permerror", text)
     except dkim.DKIMException as exc:
-        return _finish(base, "permerror", _tidy(exc))
+        return verdict("permerror", _tidy(exc))
     except Exception as exc:
         log.warning("DKIM verification failed on signature by %s: %r", base.domain, exc)
-        return _finish(base, "permerror", f"verification error ({exc.__class__.__name__})")
+        return verdict("permerror", f"verification error ({exc.__class__.__name__})")
     if not valid:
-        return _finish(base, "fail", "signature did not verify")
-    ktype = key.get(b"k", b"rsa").lower()
-    if ktype == b"rsa" and bits is not None and bits < settings.min_key_bits:
+        return verdict("fail", "signature did not verify")
+    if facts.ktype == b"rsa" and bits is not None and bits < settings.min_key_bits:
         log.warning(
             "DKIM key %s is %d bits, below the minimum of %d: result policy",
             pending.key_name,
             bits,
             settings.min_key_bits,
         )
-        return _finish(
-            base, "policy", f"key too short ({bits} bits, {settings.min_key_bits} required)"
-        )
+        return verdict("policy", f"key too short ({bits} bits, {settings.min_key_bits} required)")
     if tags[b"a"].lower() == b"rsa-sha1" and not settings.allow_sha1:
-        return _finish(base, "policy", "rsa-sha1 signatures are not accepted (RFC 8301)")
+        return verdict("policy", "rsa-sha1 signatures are not accepted (RFC 8301)")
     uncovered = uncovered_body(message.body_bytes(), tags)
     if uncovered is not None and not settings.allow_body_length:
         limit, length = uncovered
-        return _replace(
-            base,
-            result="policy",
-            reason=f"l={limit} leaves {length - limit} of {length} body bytes unsigned",
+        return verdict(
+            "policy",
+            f"l={limit} leaves {length - limit} of {length} body bytes unsigned",
             body_length=uncovered,
         )
-    return _finish(base, "pass", "good signature" + (" (key in testing mode)" if testing else ""))
+    return verdict("pass", "good signature" + (" (key in testing mode)" if testing else ""))
 
 
 @functools.lru_cache(maxsize=1024)  # once per distinct record, not per message
@@ -342,9 +358,9 @@ def _verify_dk(
     outcomes = []
     for raw in records:
         text = raw.decode("utf-8", "replace")
-        result = _from_dk(pending.base, dk.verify_with_key(message, pending.index, sig, text))
         bits = _rsa_bits(text)
-        result = _replace(result, key_bits=bits)
+        res = dk.verify_with_key(message, pending.index, sig, text)
+        result = _from_dk(pending.base, res, key_bits=bits)
         if result.result == "pass" and bits is not None and bits < settings.min_key_bits:
             log.warning(
                 "DomainKeys key %s is %d bits, below the minimum of %d: result policy",
@@ -362,7 +378,7 @@ def _verify_dk(
     return _replace(best, reason=best.reason + note) if note else best
 
 
-def _from_dk(base: SignatureResult, res: dk.DKResult) -> SignatureResult:
+def _from_dk(base: SignatureResult, res: dk.DKResult, **more: object) -> SignatureResult:
     value: SigValue = res.result
     return _replace(
         base,
@@ -372,4 +388,5 @@ def _from_dk(base: SignatureResult, res: dk.DKResult) -> SignatureResult:
         identity_header=res.identity_header,
         testing=res.testing,
         dk_status=res.status,
+        **more,
     )
