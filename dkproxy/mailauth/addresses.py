@@ -50,6 +50,7 @@ class Mailboxes:
         return list(dict.fromkeys(a.domain for a in self.addresses))
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the same few domains come back in every message
 def canonical_domain(name: str) -> str:
     """The lower-case A-label form of a domain name, without a trailing dot.
 
@@ -78,6 +79,7 @@ def canonical_domain(name: str) -> str:
         raise DomainError(f"{text!r} is not a valid domain name ({exc})") from None
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and asked several times per message
 def canonical_domain_or_none(name: str) -> str | None:
     """`canonical_domain`, or None where it raises."""
     try:

@@ -29,12 +29,21 @@ MAX_REASON = 120
 FOLD_WIDTH = 78
 
 
+_QUOTED_SPECIALS = re.compile(r'(["\\])')
+_COMMENT_SPECIALS = re.compile(r"([()\\])")
+
+
 def _clean(text: str, limit: int = 255) -> str:
+    # Printable ASCII (the usual case) is exactly what _UNSAFE leaves alone.
+    if text.isascii() and text.isprintable():
+        return text[:limit]
     return _UNSAFE.sub("?", text)[:limit]
 
 
 def _quoted(text: str) -> str:
-    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+    if '"' not in text and "\\" not in text:
+        return '"' + text + '"'
+    return '"' + _QUOTED_SPECIALS.sub(r"\\\1", text) + '"'
 
 
 def value(text: str) -> str:
@@ -64,9 +73,16 @@ def _plain(text: str, *, address: bool = False) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)  # pure; key sizes, client addresses and policies repeat
 def _comment(text: str) -> str:
     """A comment with parentheses and backslashes escaped (ctext is printable ASCII)."""
-    return "(" + re.sub(r"([()\\])", r"\\\1", _clean(text, MAX_REASON)) + ")"
+    return "(" + _COMMENT_SPECIALS.sub(r"\\\1", _clean(text, MAX_REASON)) + ")"
+
+
+@functools.lru_cache(maxsize=1024)  # pure; the same few reasons come back message after message
+def _reason(text: str) -> str:
+    """reason= with its quoted-string value (RFC 8601 2.2), cut to MAX_REASON."""
+    return "reason=" + _quoted(_clean(text, MAX_REASON))
 
 
 Prop = tuple[str, str | None]
@@ -88,7 +104,7 @@ def _resinfo(
     if comment:
         words.append(_comment(comment))
     if reason:
-        words.append("reason=" + _quoted(_clean(reason, MAX_REASON)))
+        words.append(_reason(reason))
     for name, val in props:
         if val:
             words.append(f"{name}={val}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import ipaddress
 import logging
 import re
@@ -219,12 +220,20 @@ class _Check:
         )
 
 
+@functools.lru_cache(maxsize=1024)  # pure; clients send many messages
+def _client_address(client_ip: str) -> str | None:
+    """The client's address in the form pyspf and the result cache use, None if unusable."""
+    try:
+        return str(ipaddress.ip_address(client_ip.strip().strip("[]").removeprefix("IPv6:")))
+    except ValueError:
+        return None
+
+
 def _make_check(
     client_ip: str, mail_from: str | None, helo: str | None, receiver: str, total_timeout: float
 ) -> _Check | None:
-    try:
-        ip = str(ipaddress.ip_address(client_ip.strip().strip("[]").removeprefix("IPv6:")))
-    except ValueError:
+    ip = _client_address(client_ip)
+    if ip is None:
         log.info("SPF skipped: bad client address %r", client_ip)
         return None
     sender = (mail_from or "").strip().strip("<>")

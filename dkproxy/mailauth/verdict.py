@@ -11,6 +11,7 @@ from .verify_report import Action, Decision, VerificationReport, VerifySettings
 #: Enhanced status codes (RFC 3463, RFC 7372) for a rejection caused by each method.
 _REJECT_CODES = {"dkim": "5.7.20", "spf": "5.7.23", "domainkeys": "5.7.1", "dmarc": "5.7.1"}
 _SEVERITY: dict[Action, int] = {"accept": 0, "tempfail": 1, "reject": 2}
+_ACCEPT = Decision("accept")
 
 
 def matched_actions(
@@ -53,6 +54,8 @@ def decide(report: VerificationReport, settings: VerifySettings) -> Decision:
     beside usable ones, is rejected (the safe result: RFC 7489 6.6.1 leaves such messages
     out of scope).
     """
+    if not (settings.reject_fail or settings.reject_error or settings.actions):
+        return _ACCEPT  # nothing can refuse the message: no need to look at the report
     if len(report.dmarc_authors) > 1:
         each = [
             decide(replace(report, dmarc=result, dmarc_authors=[result]), settings)
