@@ -302,13 +302,16 @@ def forged_authentication_results(message: Message, authserv_id: str) -> list[in
 
 def header_byte_ranges(message: Message, indexes: Iterable[int]) -> list[tuple[int, int]]:
     """(start, end) byte offsets in `message.data` of the given header fields."""
+    wanted = sorted(set(indexes))
+    if not wanted:
+        return []  # the usual case: nothing forged to cut out
     sizes = [len(name) + 1 + len(val) for name, val in message.headers]
     offset = message.header_end - sum(sizes)  # skips an mbox "From " line, if any
     starts = []
     for size in sizes:
         starts.append(offset)
         offset += size
-    return [(starts[i], starts[i] + sizes[i]) for i in sorted(set(indexes))]
+    return [(starts[i], starts[i] + sizes[i]) for i in wanted]
 
 
 _FIELD_START = re.compile(rb"(?im)^" + FIELD_NAME + rb"[ \t]*:")

@@ -19,6 +19,7 @@ Keys OpenSSL will not load, and keys under 1024 bits, are verified by dkimpy's o
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ _DIGEST_INFO = {
 #: Below this size the check stays dkimpy's (such keys are a policy result anyway).
 _OPENSSL_MIN_BITS = 1024
 _WSP = re.compile(rb"\s+")
+#: The bytes `_WSP` matches, for bytes.translate (no regular expression per message).
+_WSP_BYTES = b" \t\n\r\x0b\x0c"
 _H_SPLIT = re.compile(rb"\s*:\s*")
 #: Distinct key records kept parsed; a record is a few hundred bytes.
 KEY_CACHE_SIZE = 4096
@@ -188,26 +191,24 @@ def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: D
     `dkim.KeyFormatError` (digest too large for the modulus).
     """
     try:
-        policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        policy = _policy(sig.get(b"c", b"simple/simple"))
     except InvalidCanonicalizationPolicyError as exc:
         raise dkim.MessageFormatError(f"invalid c= value: {exc.args[0]}") from exc
     hasher = HASH_ALGORITHMS[sig[b"a"]]
     length = int(sig[b"l"]) if b"l" in sig else None
     body_hash = hashes.body_digest(policy, hasher, length)
     try:
-        expected = base64.b64decode(_WSP.sub(b"", sig[b"bh"]))
+        expected = base64.b64decode(sig[b"bh"].translate(None, _WSP_BYTES))
     except TypeError as exc:
         raise dkim.MessageFormatError(str(exc)) from exc
     if body_hash != expected:
         raise dkim.ValidationError(
             f"body hash mismatch (got {base64.b64encode(body_hash)!r}, expected {sig[b'bh']!r})"
         )
-    include = [x.lower() for x in _H_SPLIT.split(sig[b"h"])]
-    if b"from" in include:
-        include.append(b"from")  # dkimpy bug#644046: an extra From must break the signature
+    include = list(_included(sig[b"h"]))
     header_hash = hasher()
     hashes.hash_headers(header_hash, policy, include, hashes.signatures[position])
-    signature = base64.b64decode(_WSP.sub(b"", sig[b"b"]))
+    signature = base64.b64decode(sig[b"b"].translate(None, _WSP_BYTES))
     if key.ktag == b"rsa":
         if key.openssl is None:
             try:
@@ -222,6 +223,20 @@ def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: D
             return False
         return True
     raise dkim.UnknownKeyTypeError(key.ktag)
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of c=; there are four valid values
+def _policy(c_value: bytes) -> CanonicalizationPolicy:
+    return CanonicalizationPolicy.from_c_value(c_value)
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function of h=; signers reuse a few lists
+def _included(h_value: bytes) -> tuple[bytes, ...]:
+    """The header field names an h= list signs, lower-cased, in order (RFC 6376 3.5)."""
+    include = [x.lower() for x in _H_SPLIT.split(h_value)]
+    if b"from" in include:
+        include.append(b"from")  # dkimpy bug#644046: an extra From must break the signature
+    return tuple(include)
 
 
 def _rsa_check(key: DKIMKey, signature: bytes, hash_name: str, digest: bytes) -> bool:

@@ -209,6 +209,8 @@ _RANK: dict[str, int] = {"pass": 0, "policy": 1, "fail": 2, "permerror": 3, "neu
 
 
 def _best(results: list[SignatureResult]) -> SignatureResult:
+    if len(results) == 1:
+        return results[0]  # one key record, the usual case
     return min(results, key=lambda r: _RANK.get(r.result, 9))
 
 
