@@ -7,13 +7,16 @@ never as an exception.
 
 from __future__ import annotations
 
+import time
+
+import dkim
 import pytest
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList, parse_tag_value
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dkproxy.mailauth import signature_checks
-from dkproxy.mailauth.dkim_tags import parse_tag_list
+from dkproxy.mailauth.dkim_tags import parse_tag_list, validate_signature_fields
 
 #: Bytes that matter to the grammar, mixed with anything at all.
 _PIECES = st.sampled_from(
@@ -77,3 +80,81 @@ def test_a_malformed_signature_field_is_a_permerror_never_an_exception(value: by
     if isinstance(prepared, signature_checks.SignatureResult):
         assert prepared.result == "permerror"
         assert prepared.header_index == 3
+
+
+# -- field validation ------------------------------------------------------------------------
+
+_NOW = int(time.time())
+_FIELD_VALUES = {
+    b"v": [b"1", b"2", b""],
+    b"a": [b"rsa-sha256", b"rsa-sha1", b"ed25519-sha256", b"RSA-SHA256", b"hmac"],
+    b"b": [b"dGVzdA==", b"dGVzd A==", b"dGVzdA", b"dGVz\r\n dA==", b"!!", b"", b"dGVzdA==\n"],
+    b"bh": [b"dGVzdA==", b"dGVzdA", b"abc=", b" ", b"####"],
+    b"d": [b"example.org", b"Example.ORG", b"ex@mple.org", b"\xc3\xa9x.org", b"a[b].org", b""],
+    b"i": [b"@example.org", b"u@sub.example.org", b"example.org", b"u@other.org", b"xexample.org"],
+    b"l": [b"0", b"123", b"1" * 77, b"-1", b"1 2", b"12\n"],
+    b"q": [b"dns/txt", b"dns", b"DNS/TXT"],
+    b"t": [b"1", str(_NOW).encode(), str(_NOW + 10**6).encode(), b"x", b"12a"],
+    b"x": [str(_NOW + 3600).encode(), b"1", b"0", b"y", str(_NOW + 10**6).encode()],
+    b"cv": [b"pass", b"none", b"bogus"],
+    b"h": [b"from:to", b"To"],
+    b"s": [b"sel", b""],
+}
+signature_fields = st.dictionaries(
+    st.sampled_from(sorted(_FIELD_VALUES)),
+    st.binary(max_size=6),
+    max_size=13,
+).flatmap(
+    lambda junk: st.fixed_dictionaries(
+        {name: st.sampled_from(values) for name, values in _FIELD_VALUES.items()}
+    ).flatmap(
+        lambda good: st.sets(st.sampled_from(sorted(_FIELD_VALUES))).map(
+            lambda dropped: {k: junk.get(k, v) for k, v in good.items() if k not in dropped}
+        )
+    )
+)
+
+
+def _validation(validate: object, sig: dict[bytes, bytes]) -> tuple[str, str]:
+    try:
+        validate(dict(sig))  # type: ignore[operator]
+    except Exception as exc:  # IndexError included: dkimpy raises it on some i=/d= pairs
+        return type(exc).__name__, str(exc)
+    return "ok", ""
+
+
+@given(signature_fields)
+@example({})
+@example({k: v[0] for k, v in _FIELD_VALUES.items()})
+@example({**{k: v[0] for k, v in _FIELD_VALUES.items()}, b"i": b"example.org"})
+@example({**{k: v[0] for k, v in _FIELD_VALUES.items()}, b"b": b"!!", b"bh": b"abc"})
+def test_field_checks_match_dkimpy(sig: dict[bytes, bytes]) -> None:
+    assert _validation(validate_signature_fields, sig) == _validation(
+        dkim.validate_signature_fields, sig
+    )
+
+
+def test_field_checks_reject_each_kind_of_bad_field() -> None:
+    good = {k: v[0] for k, v in _FIELD_VALUES.items()}
+    validate_signature_fields(dict(good))
+    bad = {
+        b"a": b"hmac",
+        b"b": b"!!",
+        b"bh": b"abc",
+        b"d": b"ex@mple.org",
+        b"i": b"u@other.org",
+        b"l": b"1" * 77,
+        b"q": b"dns",
+        b"t": str(_NOW + 10**6).encode(),
+        b"v": b"2",
+        b"x": b"1",
+        b"cv": b"bogus",
+    }
+    for name, value in bad.items():
+        with pytest.raises(dkim.ValidationError, match=f"^{name.decode()}= value|domain|unknown"):
+            validate_signature_fields({**good, name: value})
+    for name in (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"):
+        fields = dict(good)
+        del fields[name]
+        with pytest.raises(dkim.ValidationError, match="missing"):
+            validate_signature_fields(fields)

@@ -1,15 +1,33 @@
-"""DKIM tag=value lists (RFC 6376 3.2), parsed the way dkimpy parses them, without its
-per-tag regular expression.
+"""DKIM-Signature tag=value lists (RFC 6376 3.2) and the offline checks of their fields
+(RFC 6376 6.1.1), done the way dkimpy does them, without its per-call regular expressions.
 
-A verifier parses every DKIM-Signature it sees, so this runs once per signature per message.
-It accepts and rejects exactly what `dkim.util.parse_tag_value` does (dkproxy's verdicts stay
-dkimpy's; tests/test_dkim_tags.py checks both side by side on arbitrary input), and raises
-dkimpy's own exceptions, so callers catch `dkim.util.InvalidTagValueList` as before.
+A verifier parses and checks every DKIM-Signature it sees, so this runs once per signature per
+message. `parse_tag_list` accepts and rejects exactly what `dkim.util.parse_tag_value` does,
+and `validate_signature_fields` what `dkim.validate_signature_fields` does (for DKIM, not
+ARC), with the same exceptions and messages: dkproxy's verdicts stay dkimpy's
+(tests/test_dkim_tags.py checks both side by side on arbitrary input).
 """
 
 from __future__ import annotations
 
+import re
+import time
+
+from dkim import ValidationError
+from dkim.crypto import HASH_ALGORITHMS
 from dkim.util import DuplicateTag, InvalidTagSpec
+
+_MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
+#: dkimpy's patterns, compiled once (re.match: anchored at the start; "$" also matches
+#: before a final newline, as in dkimpy).
+_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
+_DOMAIN_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
+_LENGTH = re.compile(rb"\d{,76}$")
+_DECIMAL = re.compile(rb"\d+$")
+#: What `\s` matches in a bytes pattern, for bytes.translate.
+_WSP_BYTES = b" \t\n\r\x0b\x0c"
+#: dkimpy's leeway for signers with inaccurate clocks (t= in the future, x= in the past).
+_SLOP = 36000
 
 
 def parse_tag_list(value: bytes) -> dict[bytes, bytes]:
@@ -37,3 +55,61 @@ def parse_tag_list(value: bytes) -> dict[bytes, bytes]:
             raise DuplicateTag(name)
         tags[name] = tag_value.strip()
     return tags
+
+
+def validate_signature_fields(sig: dict[bytes, bytes]) -> None:
+    """Presence and form of a DKIM-Signature's fields (RFC 6376 3.5, 6.1.1), as dkimpy's
+    `validate_signature_fields` checks them, in the same order and with its messages.
+
+    Raises `dkim.ValidationError` for the first problem found. Like dkimpy's, it raises
+    IndexError when i= is as long as d= and ends with it (callers report that as invalid
+    fields), and it tests bh= with b='s pattern (dkimpy's; kept so verdicts do not move).
+    """
+    for name in _MANDATORY:
+        if name not in sig:
+            raise ValidationError(f"missing {name!r}=")
+    if sig[b"a"] not in HASH_ALGORITHMS:
+        raise ValidationError(f"unknown signature algorithm: {sig[b'a']!r}")
+    for name in ("b", "bh"):
+        value = sig[name.encode()]
+        if _BASE64.match(sig[b"b"]) is None or len(value.translate(None, _WSP_BYTES)) % 4:
+            raise ValidationError(f"{name}= value is not valid base64 ({value!r})")
+    if b"cv" in sig and sig[b"cv"] not in (b"pass", b"fail", b"none"):
+        raise ValidationError(f"cv= value is not valid ({sig[b'cv']!r})")
+    domain = sig[b"d"]
+    # dkimpy checks specials in ASCII domains only.
+    if domain.isascii() and _DOMAIN_SPECIALS.search(domain):
+        raise ValidationError(f"d= value is not valid ({domain!r})")
+    if b"i" in sig:
+        identity = sig[b"i"]
+        # 64, 46: "@" and "." (indexing bytes gives ints)
+        if not identity.lower().endswith(domain.lower()) or identity[-len(domain) - 1] not in (
+            64,
+            46,
+        ):
+            raise ValidationError(
+                f"i= domain is not a subdomain of d= (i={identity!r} d={domain!r})"
+            )
+    if b"l" in sig and _LENGTH.match(sig[b"l"]) is None:
+        raise ValidationError(f"l= value is not a decimal integer ({sig[b'l']!r})")
+    if b"q" in sig and sig[b"q"] != b"dns/txt":
+        raise ValidationError(f"q= value is not dns/txt ({sig[b'q']!r})")
+    t_sign = None
+    if b"t" in sig:
+        if _DECIMAL.match(sig[b"t"]) is None:
+            raise ValidationError(f"t= value is not a decimal integer ({sig[b't']!r})")
+        t_sign = int(sig[b"t"])
+        if t_sign > int(time.time()) + _SLOP:
+            raise ValidationError(f"t= value is in the future ({sig[b't']!r})")
+    if b"v" in sig and sig[b"v"] != b"1":
+        raise ValidationError(f"v= value is not 1 ({sig[b'v']!r})")
+    if b"x" in sig:
+        if _DECIMAL.match(sig[b"x"]) is None:
+            raise ValidationError(f"x= value is not a decimal integer ({sig[b'x']!r})")
+        x_sign = int(sig[b"x"])
+        if x_sign < int(time.time()) - _SLOP:
+            raise ValidationError(f"x= value is past ({sig[b'x']!r})")
+        if t_sign and x_sign < t_sign:
+            raise ValidationError(
+                f"x= value is less than t= value (x={sig[b'x']!r} t={sig[b't']!r})"
+            )

@@ -21,7 +21,7 @@ from . import dkim_verify
 from . import domainkeys as dk
 from .addresses import canonical_domain_or_none
 from .bodylength import uncovered_body
-from .dkim_tags import parse_tag_list
+from .dkim_tags import parse_tag_list, validate_signature_fields
 from .dnsresolver import TxtResult
 from .message import Message
 from .verify_report import Method, SignatureResult, SigValue, VerifySettings, _finish, _replace
@@ -97,7 +97,7 @@ def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | 
         return _finish(base, "permerror", f"malformed signature: {exc.__class__.__name__}")
     base = _dkim_base(index, tags)
     try:
-        dkim.validate_signature_fields(tags)
+        validate_signature_fields(tags)
     except dkim.ValidationError as exc:
         return _finish(base, "permerror", _tidy(exc))
     except Exception as exc:  # dkimpy raises IndexError on some i=/d= combinations
