@@ -68,6 +68,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("dkproxy.verifier")
+#: The policy of a domain whose policy was not looked at (immutable, so made once).
+_NO_POLICY = dk.parse_policy(None)
 
 DKIM_FIELD = b"dkim-signature"
 DK_FIELD = b"domainkey-signature"
@@ -87,11 +89,11 @@ async def _dk_policy(
     first_party = any(s.result == "pass" and _first_party(s, domain) for s in signatures)
     if first_party:
         # Mail::DKIM's DkPolicy->apply accepts before looking at o=: spare the lookup.
-        return DKPolicyResult(domain, dk.parse_policy(None), "accept", "first-party signature")
+        return DKPolicyResult(domain, _NO_POLICY, "accept", "first-party signature")
     answer = await resolver.txt(dk.policy_name(domain))
     if answer.status == "temperror":
         # Mail::DKIM ignores a policy it cannot fetch; so do we (no reject on DNS trouble).
-        return DKPolicyResult(domain, dk.parse_policy(None), "neutral", "policy lookup failed")
+        return DKPolicyResult(domain, _NO_POLICY, "neutral", "policy lookup failed")
     record = answer.records[0] if answer.status == "ok" and answer.records else None
     policy = dk.parse_policy(record)
     return DKPolicyResult(domain, policy, policy.apply(first_party))
@@ -150,11 +152,21 @@ async def verify_message(
 
     # Everything that needs DNS starts now and runs concurrently; the DMARC record is only
     # warmed here (its evaluation needs the signature results) and then read from the cache.
-    key_names = sorted({p.key_name for p in pending})
-    key_tasks = [resolver.txt_future(n) for n in key_names]
+    # Cached answers (the usual case) are taken as they are: no future, no task.
+    answers: dict[str, TxtResult] = {}
+    key_tasks: dict[str, asyncio.Future[TxtResult]] = {}
+    for name in sorted({p.key_name for p in pending}):
+        cached = resolver.cached_txt(name)
+        if cached is not None:
+            answers[name] = cached
+        else:
+            key_tasks[name] = resolver.txt_future(name)
     warm: list[asyncio.Future[TxtResult]] = []
     if settings.dmarc:
-        warm.extend(resolver.txt_future(f"_dmarc.{a}") for a in authors)
+        for author in authors:
+            name = f"_dmarc.{author}"
+            if resolver.cached(name, "TXT") is None:
+                warm.append(resolver.txt_future(name))
     arc_task: asyncio.Future[arc_mod.ArcResult] | None = None
     if settings.arc:
         arc_task = arc_mod.start_verify(message, resolver, settings.min_key_bits)
@@ -169,9 +181,9 @@ async def verify_message(
             total_timeout=settings.spf_timeout,
         )
     try:
-        # The lookups run concurrently already; awaiting them in turn (not gather) costs no
-        # trip through the event loop when they are answered from the cache.
-        answers = {name: await task for name, task in zip(key_names, key_tasks, strict=True)}
+        # The lookups run concurrently already; they are awaited in turn (not gathered).
+        for name, task in key_tasks.items():
+            answers[name] = await task
         for item in pending:
             answer = answers[item.key_name]
             check = _verify_dkim if item.method == "dkim" else _verify_dk
@@ -188,7 +200,8 @@ async def verify_message(
         for task in warm:
             await task
     except BaseException:
-        for task in [*key_tasks, *warm, *(t for t in (spf_task, arc_task) if t is not None)]:
+        started_tasks = [*key_tasks.values(), *warm, spf_task, arc_task]
+        for task in (t for t in started_tasks if t is not None):
             task.cancel()
         raise
 
