@@ -7,16 +7,17 @@ never as an exception.
 
 from __future__ import annotations
 
+import re
 import time
 
 import dkim
 import pytest
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList, parse_tag_value
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dkproxy.mailauth import signature_checks
-from dkproxy.mailauth.dkim_tags import parse_tag_list, validate_signature_fields
+from dkproxy.mailauth.dkim_tags import base64_like, parse_tag_list, validate_signature_fields
 
 #: Bytes that matter to the grammar, mixed with anything at all.
 _PIECES = st.sampled_from(
@@ -158,3 +159,21 @@ def test_field_checks_reject_each_kind_of_bad_field() -> None:
         del fields[name]
         with pytest.raises(dkim.ValidationError, match="missing"):
             validate_signature_fields(fields)
+
+
+_DKIMPY_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")  # dkimpy's pattern for b= and bh=
+
+
+@given(
+    st.lists(st.sampled_from(list(b" \t\r\n\x0b\x0c=+/aZ09-_.\x00\xff")), max_size=12).map(bytes)
+)
+@example(b"")
+@example(b"=")
+@example(b" =")
+@example(b"\n")
+@example(b"ab=c")
+@example(b"ab==\n")
+@example(b"ab\r\n cd==  ")
+@settings(max_examples=1000)
+def test_base64_shape_check_matches_dkimpys_pattern(value: bytes) -> None:
+    assert base64_like(value) == (_DKIMPY_BASE64.match(value) is not None)

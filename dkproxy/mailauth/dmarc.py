@@ -157,7 +157,14 @@ async def _fetch(resolver: Resolver, domain: str) -> tuple[str, DmarcRecord | No
     answer = resolver.cached_txt(name) or await resolver.txt(name)
     if answer.status == "temperror":
         return "temperror", None, f"DNS {answer.detail} for _dmarc.{domain}"
-    candidates = [r for r in answer.records if r.lstrip().startswith("v=DMARC1")]
+    return _policy_record(answer.raw, domain)
+
+
+@lru_cache(maxsize=1024)  # a pure function of the answer: read once, not once per message
+def _policy_record(raw: tuple[bytes, ...], domain: str) -> tuple[str, DmarcRecord | None, str]:
+    """('ok'|'none'|'permerror', record, reason) from the TXT records at _dmarc.<domain>."""
+    records = [r.decode("utf-8", "replace") for r in raw]
+    candidates = [r for r in records if r.lstrip().startswith("v=DMARC1")]
     if not candidates:
         return "none", None, f"no DMARC record for {domain}"
     if len(candidates) > 1:
