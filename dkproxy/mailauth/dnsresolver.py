@@ -10,6 +10,7 @@ into temperror, and that distinction is easiest to keep when it is data.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -357,6 +358,7 @@ class Resolver:
         return DnsAnswer("ok", records), min(ttl, cfg.max_ttl)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the same names are asked message after message
 def _normalise(name: str) -> str:
     name = name.strip().lower()
     return name if name.endswith(".") else name + "."

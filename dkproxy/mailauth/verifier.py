@@ -70,6 +70,8 @@ __all__ = [
 log = logging.getLogger("dkproxy.verifier")
 #: The policy of a domain whose policy was not looked at (immutable, so made once).
 _NO_POLICY = dk.parse_policy(None)
+#: What `arc.verify` finds in a message without any ARC field (immutable, so made once).
+_NO_ARC = arc_mod.ArcResult("none")
 
 DKIM_FIELD = b"dkim-signature"
 DK_FIELD = b"domainkey-signature"
@@ -116,9 +118,12 @@ async def verify_message(
     dkim_position = 0
     checked = 0
     hashes: dkim_verify.MessageHashes | None = None
+    arc_fields = False
     for index, (name, value) in enumerate(message.headers):
         lname = name.lower()
         if lname not in (DKIM_FIELD, DK_FIELD):
+            # Every ARC field name starts so (RFC 8617 4.1); without one the chain is "none".
+            arc_fields = arc_fields or lname.startswith(b"arc-")
             continue
         method: Method = "dkim" if lname == DKIM_FIELD else "domainkeys"
         position = dkim_position
@@ -168,8 +173,10 @@ async def verify_message(
             if resolver.cached(name, "TXT") is None:
                 warm.append(resolver.txt_future(name))
     arc_task: asyncio.Future[arc_mod.ArcResult] | None = None
-    if settings.arc:
+    if settings.arc and arc_fields:
         arc_task = arc_mod.start_verify(message, resolver, settings.min_key_bits)
+    elif settings.arc:
+        report.arc = _NO_ARC
     spf_task: asyncio.Future[SpfResult | None] | None = None
     if settings.spf and client_ip:
         spf_task = start_spf_check(
