@@ -181,12 +181,21 @@ def _parse_key(name: str, record: bytes) -> DKIMKey:
     return DKIMKey(tags, None, bits, ktag, pk, openssl, modulus, facts)
 
 
-def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: DKIMKey) -> bool:
+def verify(
+    hashes: MessageHashes,
+    position: int,
+    sig: dict[bytes, bytes],
+    key: DKIMKey,
+    *,
+    decoded: tuple[bytes, bytes] | None = None,
+) -> bool:
     """Check the `position`-th DKIM-Signature (0 = topmost) of a message against `key`.
 
     `sig` is the signature's parsed tag list, already through `dkim.validate_signature_fields`;
-    `key` comes from `key_for` and is usable (no syntax error, no `error`). Returns whether
-    the signature verifies. Raises what `dkim.DKIM.verify` raises at the same points:
+    `key` comes from `key_for` and is usable (no syntax error, no `error`). `decoded` is
+    (b=, bh=) already base64-decoded by a caller that checked them (else they are decoded
+    here, as leniently as dkimpy does). Returns whether the signature verifies. Raises what
+    `dkim.DKIM.verify` raises at the same points:
     `dkim.ValidationError` ("body hash mismatch ..."), `dkim.MessageFormatError`,
     `dkim.KeyFormatError` (digest too large for the modulus).
     """
@@ -197,10 +206,13 @@ def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: D
     hasher = HASH_ALGORITHMS[sig[b"a"]]
     length = int(sig[b"l"]) if b"l" in sig else None
     body_hash = hashes.body_digest(policy, hasher, length)
-    try:
-        expected = base64.b64decode(sig[b"bh"].translate(None, _WSP_BYTES))
-    except TypeError as exc:
-        raise dkim.MessageFormatError(str(exc)) from exc
+    if decoded is not None:
+        signature, expected = decoded
+    else:
+        try:
+            expected = base64.b64decode(sig[b"bh"].translate(None, _WSP_BYTES))
+        except TypeError as exc:
+            raise dkim.MessageFormatError(str(exc)) from exc
     if body_hash != expected:
         raise dkim.ValidationError(
             f"body hash mismatch (got {base64.b64encode(body_hash)!r}, expected {sig[b'bh']!r})"
@@ -208,7 +220,8 @@ def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: D
     include = list(_included(sig[b"h"]))
     header_hash = hasher()
     hashes.hash_headers(header_hash, policy, include, hashes.signatures[position])
-    signature = base64.b64decode(sig[b"b"].translate(None, _WSP_BYTES))
+    if decoded is None:
+        signature = base64.b64decode(sig[b"b"].translate(None, _WSP_BYTES))
     if key.ktag == b"rsa":
         if key.openssl is None:
             try:

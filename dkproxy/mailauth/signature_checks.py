@@ -47,6 +47,9 @@ class _Pending:
     base: SignatureResult
     dkim_tags: dict[bytes, bytes] | None = None
     dkim_position: int = 0
+    #: DKIM: b= and bh= decoded (once, by the offline checks).
+    dkim_b: bytes = b""
+    dkim_bh: bytes = b""
     dk_sig: dk.DKSignature | None = None
     #: Canonical header fields and body hashes shared by the message's DKIM signatures.
     hashes: dkim_verify.MessageHashes | None = None
@@ -102,9 +105,10 @@ def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | 
         return _finish(base, "permerror", _tidy(exc))
     except Exception as exc:  # dkimpy raises IndexError on some i=/d= combinations
         return _finish(base, "permerror", f"invalid signature fields ({exc.__class__.__name__})")
+    decoded = []
     for name in (b"b", b"bh"):
         try:
-            base64.b64decode(tags[name].translate(None, _WSP_BYTES), validate=True)
+            decoded.append(base64.b64decode(tags[name].translate(None, _WSP_BYTES), validate=True))
         except (binascii.Error, ValueError):
             return _finish(base, "permerror", f"{name.decode()}= is not valid base64")
     if not _signs_from(tags[b"h"]):
@@ -126,6 +130,8 @@ def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | 
         base,
         dkim_tags=tags,
         dkim_position=position,
+        dkim_b=decoded[0],
+        dkim_bh=decoded[1],
     )
 
 
@@ -298,7 +304,13 @@ def _verify_dkim_record(
         return _replace(base, result=result, reason=reason, key_bits=bits, testing=testing, **more)
 
     try:
-        valid = dkim_verify.verify(pending.hashes, pending.dkim_position, tags, parsed)
+        valid = dkim_verify.verify(
+            pending.hashes,
+            pending.dkim_position,
+            tags,
+            parsed,
+            decoded=(pending.dkim_b, pending.dkim_bh),
+        )
     except dkim.ValidationError as exc:
         text = _tidy(exc)
         if "body hash mismatch" in text:
