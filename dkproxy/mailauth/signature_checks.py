@@ -76,12 +76,16 @@ def _internal(exc: Exception) -> str:
     return f"internal error ({exc.__class__.__name__})"
 
 
+#: Templates the per-signature results are made from (`_replace` is cheaper than __init__).
+_BLANK_DKIM = SignatureResult("dkim", "none", 0)
+_BLANK_DK = SignatureResult("domainkeys", "none", 0, algorithm="rsa-sha1")
+
+
 def _dkim_base(index: int, tags: dict[bytes, bytes]) -> SignatureResult:
     d = _text(tags.get(b"d"))
     identity = _text(tags.get(b"i")) or (f"@{d}" if d else None)
-    return SignatureResult(
-        method="dkim",
-        result="none",
+    return _replace(
+        _BLANK_DKIM,
         header_index=index,
         domain=d.lower() if d else None,
         selector=_text(tags.get(b"s")),
@@ -168,13 +172,11 @@ def _prepare_dk(index: int, value: bytes) -> SignatureResult | _Pending:
             reason=res.detail,
             dk_status=res.status,
         )
-    base = SignatureResult(
-        "domainkeys",
-        "none",
-        index,
+    base = _replace(
+        _BLANK_DK,
+        header_index=index,
         domain=sig.d,
         selector=sig.s,
-        algorithm="rsa-sha1",
         b_prefix=_b_prefix(sig.tags.get("b", "").encode("latin-1")),
     )
     return _Pending("domainkeys", index, sig.key_name, base, dk_sig=sig)

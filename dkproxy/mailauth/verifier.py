@@ -75,6 +75,7 @@ _NO_ARC = arc_mod.ArcResult("none")
 
 DKIM_FIELD = b"dkim-signature"
 DK_FIELD = b"domainkey-signature"
+_SIGNATURE_FIELDS = frozenset((DKIM_FIELD, DK_FIELD))
 
 # --------------------------------------------------------------------------------------------
 # Message-level checks
@@ -118,13 +119,13 @@ async def verify_message(
     dkim_position = 0
     checked = 0
     hashes: dkim_verify.MessageHashes | None = None
-    arc_fields = False
-    for index, (name, value) in enumerate(message.headers):
-        lname = name.lower()
-        if lname not in (DKIM_FIELD, DK_FIELD):
-            # Every ARC field name starts so (RFC 8617 4.1); without one the chain is "none".
-            arc_fields = arc_fields or lname.startswith(b"arc-")
-            continue
+    headers = message.headers
+    names = [name.lower() for name, _value in headers]
+    # Every ARC field name starts so (RFC 8617 4.1); without one the chain is "none".
+    arc_fields = any(name.startswith(b"arc-") for name in names)
+    for index in [i for i, name in enumerate(names) if name in _SIGNATURE_FIELDS]:
+        lname = names[index]
+        value = headers[index][1]
         method: Method = "dkim" if lname == DKIM_FIELD else "domainkeys"
         position = dkim_position
         if method == "dkim":
