@@ -121,8 +121,10 @@ async def verify_message(
     hashes: dkim_verify.MessageHashes | None = None
     headers = message.headers
     names = [name.lower() for name, _value in headers]
-    # Every ARC field name starts so (RFC 8617 4.1); without one the chain is "none".
-    arc_fields = any(name.startswith(b"arc-") for name in names)
+    # Every ARC field name starts so (RFC 8617 4.1); without one the chain is "none". Names
+    # hold no line break, so in the joined list "arc-" after one starts a name.
+    joined = b"\n" + b"\n".join(names)
+    arc_fields = b"\narc-" in joined
     for index in [i for i, name in enumerate(names) if name in _SIGNATURE_FIELDS]:
         lname = names[index]
         value = headers[index][1]
