@@ -24,7 +24,14 @@ from .bodylength import uncovered_body
 from .dkim_tags import parse_tag_list, validate_signature_fields
 from .dnsresolver import TxtResult
 from .message import Message
-from .verify_report import Method, SignatureResult, SigValue, VerifySettings, _finish, _replace
+from .verify_report import (
+    Method,
+    SignatureResult,
+    SigValue,
+    VerifySettings,
+    finish_result,
+    replace_result,
+)
 
 log = logging.getLogger("dkproxy.verifier")
 
@@ -76,7 +83,7 @@ def _internal(exc: Exception) -> str:
     return f"internal error ({exc.__class__.__name__})"
 
 
-#: Templates the per-signature results are made from (`_replace` is cheaper than __init__).
+#: Templates the per-signature results are made from (`replace_result` is cheaper than __init__).
 _BLANK_DKIM = SignatureResult("dkim", "none", 0)
 _BLANK_DK = SignatureResult("domainkeys", "none", 0, algorithm="rsa-sha1")
 
@@ -84,7 +91,7 @@ _BLANK_DK = SignatureResult("domainkeys", "none", 0, algorithm="rsa-sha1")
 def _dkim_base(index: int, tags: dict[bytes, bytes]) -> SignatureResult:
     d = _text(tags.get(b"d"))
     identity = _text(tags.get(b"i")) or (f"@{d}" if d else None)
-    return _replace(
+    return replace_result(
         _BLANK_DKIM,
         header_index=index,
         domain=d.lower() if d else None,
@@ -101,32 +108,34 @@ def _prepare_dkim(index: int, value: bytes, position: int) -> SignatureResult | 
         tags = parse_tag_list(value)
     except InvalidTagValueList as exc:
         base = SignatureResult("dkim", "permerror", index)
-        return _finish(base, "permerror", f"malformed signature: {exc.__class__.__name__}")
+        return finish_result(base, "permerror", f"malformed signature: {exc.__class__.__name__}")
     base = _dkim_base(index, tags)
     try:
         validate_signature_fields(tags)
     except dkim.ValidationError as exc:
-        return _finish(base, "permerror", _tidy(exc))
+        return finish_result(base, "permerror", _tidy(exc))
     except Exception as exc:  # dkimpy raises IndexError on some i=/d= combinations
-        return _finish(base, "permerror", f"invalid signature fields ({exc.__class__.__name__})")
+        return finish_result(
+            base, "permerror", f"invalid signature fields ({exc.__class__.__name__})"
+        )
     decoded = []
     for name in (b"b", b"bh"):
         try:
             decoded.append(base64.b64decode(tags[name].translate(None, _WSP_BYTES), validate=True))
         except (binascii.Error, ValueError):
-            return _finish(base, "permerror", f"{name.decode()}= is not valid base64")
+            return finish_result(base, "permerror", f"{name.decode()}= is not valid base64")
     if not _signs_from(tags[b"h"]):
-        return _finish(base, "permerror", "From field not signed")
+        return finish_result(base, "permerror", "From field not signed")
     problem = _c_value_problem(tags.get(b"c", b"simple/simple"))
     if problem:
-        return _finish(base, "permerror", problem)
+        return finish_result(base, "permerror", problem)
     try:
         domain = tags[b"d"].decode("ascii").rstrip(".")
         selector = tags[b"s"].decode("ascii")
     except UnicodeDecodeError:
-        return _finish(base, "permerror", "non-ASCII d= or s=")
+        return finish_result(base, "permerror", "non-ASCII d= or s=")
     if not domain or not selector:
-        return _finish(base, "permerror", "empty d= or s=")
+        return finish_result(base, "permerror", "empty d= or s=")
     return _Pending(
         "dkim",
         index,
@@ -172,7 +181,7 @@ def _prepare_dk(index: int, value: bytes) -> SignatureResult | _Pending:
             reason=res.detail,
             dk_status=res.status,
         )
-    base = _replace(
+    base = replace_result(
         _BLANK_DK,
         header_index=index,
         domain=sig.d,
@@ -235,9 +244,9 @@ def _verify_dkim(
 ) -> SignatureResult:
     base = pending.base
     if answer.status == "temperror":
-        return _finish(base, "temperror", f"key lookup failed: {answer.detail}")
+        return finish_result(base, "temperror", f"key lookup failed: {answer.detail}")
     if answer.status != "ok" or not answer.raw:
-        return _finish(base, "permerror", f"no key for signature ({pending.key_name})")
+        return finish_result(base, "permerror", f"no key for signature ({pending.key_name})")
     records, note = _key_records(answer, settings.max_key_records)
     outcomes = []
     for record in records:
@@ -245,7 +254,7 @@ def _verify_dkim(
         if outcomes[-1].result == "pass":
             break
     best = _best(outcomes)
-    return _replace(best, reason=best.reason + note) if note else best
+    return replace_result(best, reason=best.reason + note) if note else best
 
 
 def _check_key_tags(facts: dkim_verify.KeyFacts, sig: dict[bytes, bytes]) -> str | None:
@@ -290,20 +299,22 @@ def _verify_dkim_record(
     # Parsed once per distinct record (dkim_verify's cache), not once per message.
     parsed = dkim_verify.key_for(pending.key_name, record)
     if parsed.tags is None:
-        return _finish(base, "permerror", "key record syntax error")
+        return finish_result(base, "permerror", "key record syntax error")
     facts = parsed.facts
     assert facts is not None
     problem = _check_key_tags(facts, tags)
     if problem:
-        return _finish(base, "permerror", problem)
+        return finish_result(base, "permerror", problem)
     if parsed.error is not None:
-        return _finish(base, "permerror", f"unusable key ({parsed.error})")
+        return finish_result(base, "permerror", f"unusable key ({parsed.error})")
     bits = parsed.bits
     testing = facts.testing
 
     def verdict(result: SigValue, reason: str, **more: object) -> SignatureResult:
         # One new result per signature, not one per step: the key's facts go in with it.
-        return _replace(base, result=result, reason=reason, key_bits=bits, testing=testing, **more)
+        return replace_result(
+            base, result=result, reason=reason, key_bits=bits, testing=testing, **more
+        )
 
     try:
         valid = dkim_verify.verify(
@@ -384,19 +395,19 @@ def _verify_dk(
                 bits,
                 settings.min_key_bits,
             )
-            result = _finish(
+            result = finish_result(
                 result, "policy", f"key too short ({bits} bits, {settings.min_key_bits} required)"
             )
         outcomes.append(result)
         if result.result == "pass":
             break
     best = _best(outcomes)
-    return _replace(best, reason=best.reason + note) if note else best
+    return replace_result(best, reason=best.reason + note) if note else best
 
 
 def _from_dk(base: SignatureResult, res: dk.DKResult, **more: object) -> SignatureResult:
     value: SigValue = res.result
-    return _replace(
+    return replace_result(
         base,
         result=value,
         reason=res.detail,

@@ -48,7 +48,7 @@ from .verify_report import (
     SigValue,
     VerificationReport,
     VerifySettings,
-    _finish,
+    finish_result,
     overall_result,
 )
 
@@ -201,7 +201,7 @@ async def verify_message(
                 results[item.index] = check(message, item, answer, settings)
             except Exception as exc:
                 log.exception("cannot verify %s signature by %s", item.method, item.base.domain)
-                results[item.index] = _finish(item.base, "permerror", _internal(exc))
+                results[item.index] = finish_result(item.base, "permerror", _internal(exc))
         report.signatures = [results[i] for i in sorted(results)]
         if spf_task is not None:
             report.spf = await spf_task

@@ -197,11 +197,12 @@ class Decision:
     reason: str = ""
 
 
-def _finish(base: SignatureResult, result: SigValue, reason: str) -> SignatureResult:
-    return _replace(base, result=result, reason=reason)
+def finish_result(base: SignatureResult, result: SigValue, reason: str) -> SignatureResult:
+    """`base` with its verdict: the RFC 8601 result word and why."""
+    return replace_result(base, result=result, reason=reason)
 
 
-def _replace(base: SignatureResult, **changes: object) -> SignatureResult:
+def replace_result(base: SignatureResult, **changes: object) -> SignatureResult:
     """`dataclasses.replace` without its per-field introspection and frozen __setattr__
     calls (several per signature): the new result's attributes are the old ones updated."""
     if not changes.keys() <= _RESULT_FIELDS:
