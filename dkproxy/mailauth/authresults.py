@@ -188,28 +188,53 @@ def result_words(report: VerificationReport) -> list[list[str]]:
     if not report.domainkeys:
         clauses.append(["domainkeys=none"])
     if report.arc is not None:
-        clauses.append(_arc_words(report.arc, report.client_ip))
+        clauses.append(list(_arc_words(report.arc, report.client_ip)))
     if report.spf is not None:
         clauses.append(list(_spf_words(report.spf)))
     dm = report.dmarc
     if dm is not None:
-        comment = ""
-        if dm.record is not None:
-            comment = f"p={dm.record.p}"
-            if dm.record.sp:
-                comment += f" sp={dm.record.sp}"
-            dis = "none" if report.dmarc_override else dm.disposition
-            comment += f" pct={dm.record.pct} dis={dis}"
-        reason = dm.reason if dm.result != "pass" else ""
-        props = [("header.from", _plain(dm.from_domain or ""))]
-        if report.dmarc_override:
-            # RFC 7489 6.7 PolicyOverrideType; RFC 8617 7.2.2's evidence goes in a comment.
-            props.insert(0, ("policy.override", "trusted_forwarder"))
-        words = _resinfo("dmarc", dm.result, props, reason, comment)
-        if report.dmarc_override:
-            words.insert(2 if comment else 1, _comment("override " + report.dmarc_override))
-        clauses.append(words)
+        record = dm.record
+        clauses.append(
+            list(
+                _dmarc_words(
+                    dm.result,
+                    dm.from_domain,
+                    dm.reason if dm.result != "pass" else "",
+                    None if record is None else (record.p, record.sp, record.pct),
+                    dm.disposition,
+                    report.dmarc_override,
+                )
+            )
+        )
     return clauses
+
+
+@functools.lru_cache(maxsize=1024)  # pure; a sender's DMARC clause repeats message after message
+def _dmarc_words(
+    result: str,
+    from_domain: str | None,
+    reason: str,
+    record: tuple[str, str | None, int] | None,
+    disposition: str,
+    override: str,
+) -> tuple[str, ...]:
+    """dmarc=RESULT with the record's p=, sp=, pct= and the disposition in a comment."""
+    comment = ""
+    if record is not None:
+        p, sp, pct = record
+        comment = f"p={p}"
+        if sp:
+            comment += f" sp={sp}"
+        dis = "none" if override else disposition
+        comment += f" pct={pct} dis={dis}"
+    props = [("header.from", _plain(from_domain or ""))]
+    if override:
+        # RFC 7489 6.7 PolicyOverrideType; RFC 8617 7.2.2's evidence goes in a comment.
+        props.insert(0, ("policy.override", "trusted_forwarder"))
+    words = _resinfo("dmarc", result, props, reason, comment)
+    if override:
+        words.insert(2 if comment else 1, _comment("override " + override))
+    return tuple(words)
 
 
 @functools.lru_cache(maxsize=1024)  # pure; results are kept per client and sender (spf.py)
@@ -222,7 +247,8 @@ def _spf_words(spf: SpfResult) -> tuple[str, ...]:
     return tuple(_resinfo("spf", spf.result, [prop], reason, f"client {spf.client_ip}"))
 
 
-def _arc_words(arc: ArcResult, client_ip: str | None) -> list[str]:
+@functools.lru_cache(maxsize=1024)  # pure (ArcResult is frozen); "none" in most mail
+def _arc_words(arc: ArcResult, client_ip: str | None) -> tuple[str, ...]:
     """RFC 8617 4.2.2 / 7.2: arc=RESULT [header.oldest-pass=N] smtp.remote-ip=ADDR."""
     comment = ""
     if arc.instances:
@@ -230,7 +256,9 @@ def _arc_words(arc: ArcResult, client_ip: str | None) -> list[str]:
     reason = arc.reason if arc.result == "fail" else ""
     oldest = str(arc.oldest_pass) if arc.oldest_pass is not None else None
     remote = ("smtp.remote-ip", client_ip) if client_ip else None
-    return _resinfo("arc", arc.result, [("header.oldest-pass", oldest)], reason, comment, remote)
+    return tuple(
+        _resinfo("arc", arc.result, [("header.oldest-pass", oldest)], reason, comment, remote)
+    )
 
 
 def _fold(head: str, clauses: list[list[str]]) -> str:
