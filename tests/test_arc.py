@@ -609,3 +609,41 @@ def test_arc_options_and_actions() -> None:
     failed = VerificationReport(arc=arc.ArcResult("fail", "x"))
     assert decide(failed, settings).reply.startswith("550 5.7.1 Message rejected: arc=fail")
     assert decide(VerificationReport(arc=arc.ArcResult("pass")), settings).action == "accept"
+
+
+def test_verifier_finds_arc_fields_whatever_the_case_of_their_names(
+    dns_server: DNSServer, keys: str
+) -> None:
+    """The verifier looks for ARC fields while it scans for signatures (no ARC pass over
+    the header block when there is none): field names in any case are found, the chain is
+    verified as before, and a message without ARC fields is arc=none."""
+    import asyncio
+
+    from dkproxy.mailauth.dnsresolver import Resolver
+    from dkproxy.mailauth.verifier import VerifySettings, verify_message
+
+    one = hop(signed(keys), "forwarder1.example", keys, dns_server, tool="dkimpy")
+    arc_end = one.index(b"Authentication-Results: mx.forwarder1.example")
+    shouting = (
+        one[:arc_end]
+        .replace(b"ARC-Seal:", b"ARC-SEAL:")
+        .replace(b"ARC-Message-Signature:", b"arc-message-signature:")
+        + one[arc_end:]
+    )
+    assert shouting != one
+    broken = one.replace(b"Hello list.", b"Hello list!", 1)
+    resolver = Resolver(dns_server.address, timeout=2)
+    settings = VerifySettings(authserv_id=AUTHSERV, spf=False, dmarc=False)
+
+    async def verdict(data: bytes) -> str:
+        report = await verify_message(
+            Message(data), client_ip=None, helo=None, mail_from=None, resolver=resolver,
+            settings=settings,
+        )  # fmt: skip
+        assert report.arc is not None
+        return report.arc.result
+
+    async def run() -> list[str]:
+        return [await verdict(m) for m in (signed(keys), one, shouting, broken)]
+
+    assert asyncio.run(run()) == ["none", "pass", "pass", "fail"]

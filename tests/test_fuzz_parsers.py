@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dkproxy.mailauth import authresults, verifier
+from dkproxy.mailauth import authresults, signature_checks, verifier
 from dkproxy.mailauth import domainkeys as dk
+from dkproxy.mailauth.dkim_tags import parse_tag_list
 from dkproxy.mailauth.dmarc import DmarcRecord, DmarcRecordError, DmarcResult, parse_record
 from dkproxy.mailauth.keys import load_signing_key, public_p_value
 from dkproxy.mailauth.message import Message, MessageFormatError
@@ -134,7 +135,7 @@ def test_tag_lists_round_trip(case: tuple[dict[str, str], str]) -> None:
     tags, text = case
     assert dnscheck.parse_tags(text) == tags
     assert dk._parse_tag_list(text) == tags
-    parsed = verifier.parse_tag_value(text.encode())
+    parsed = parse_tag_list(text.encode())
     assert {k.decode(): v.decode() for k, v in parsed.items()} == tags
 
 
@@ -184,16 +185,16 @@ def signature_values(draw: st.DrawFn) -> bytes:
 @given(signature_values(), st.integers(0, 3))
 def test_signature_parsing_never_raises(value: bytes, index: int) -> None:
     """A signature field from the wire becomes a verdict (permerror...) or a key lookup."""
-    dkim_result = verifier._prepare_dkim(index, value, index)
-    assert isinstance(dkim_result, verifier.SignatureResult | verifier._Pending)
+    dkim_result = signature_checks._prepare_dkim(index, value, index)
+    assert isinstance(dkim_result, verifier.SignatureResult | signature_checks._Pending)
     if isinstance(dkim_result, verifier.SignatureResult):
         assert dkim_result.result == "permerror"
-    dk_result = verifier._prepare_dk(index, value)
-    assert isinstance(dk_result, verifier.SignatureResult | verifier._Pending)
+    dk_result = signature_checks._prepare_dk(index, value)
+    assert isinstance(dk_result, verifier.SignatureResult | signature_checks._Pending)
     with _maybe(dk.DomainKeysError):
         sig = dk.parse_signature(value)
         assert sig.key_name.endswith(f"._domainkey.{sig.d}")
-    verifier._unchecked("dkim", index, value, 5)
+    signature_checks._unchecked("dkim", index, value, 5)
 
 
 @given(signature_values().map(lambda v: v.decode("latin-1")))

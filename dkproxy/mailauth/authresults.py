@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from .arc import ArcResult
 from .message import Message
+from .spf import SpfResult
 from .verifier import SignatureResult, VerificationReport
 
 FIELD_NAME = b"Authentication-Results"
@@ -29,12 +30,21 @@ MAX_REASON = 120
 FOLD_WIDTH = 78
 
 
+_QUOTED_SPECIALS = re.compile(r'(["\\])')
+_COMMENT_SPECIALS = re.compile(r"([()\\])")
+
+
 def _clean(text: str, limit: int = 255) -> str:
+    # Printable ASCII (the usual case) is exactly what _UNSAFE leaves alone.
+    if text.isascii() and text.isprintable():
+        return text[:limit]
     return _UNSAFE.sub("?", text)[:limit]
 
 
 def _quoted(text: str) -> str:
-    return '"' + re.sub(r'(["\\])', r"\\\1", text) + '"'
+    if '"' not in text and "\\" not in text:
+        return '"' + text + '"'
+    return '"' + _QUOTED_SPECIALS.sub(r"\\\1", text) + '"'
 
 
 def value(text: str) -> str:
@@ -64,9 +74,16 @@ def _plain(text: str, *, address: bool = False) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)  # pure; key sizes, client addresses and policies repeat
 def _comment(text: str) -> str:
     """A comment with parentheses and backslashes escaped (ctext is printable ASCII)."""
-    return "(" + re.sub(r"([()\\])", r"\\\1", _clean(text, MAX_REASON)) + ")"
+    return "(" + _COMMENT_SPECIALS.sub(r"\\\1", _clean(text, MAX_REASON)) + ")"
+
+
+@functools.lru_cache(maxsize=1024)  # pure; the same few reasons come back message after message
+def _reason(text: str) -> str:
+    """reason= with its quoted-string value (RFC 8601 2.2), cut to MAX_REASON."""
+    return "reason=" + _quoted(_clean(text, MAX_REASON))
 
 
 Prop = tuple[str, str | None]
@@ -88,7 +105,7 @@ def _resinfo(
     if comment:
         words.append(_comment(comment))
     if reason:
-        words.append("reason=" + _quoted(_clean(reason, MAX_REASON)))
+        words.append(_reason(reason))
     for name, val in props:
         if val:
             words.append(f"{name}={val}")
@@ -98,32 +115,66 @@ def _resinfo(
 
 
 def _signature_words(sig: SignatureResult) -> list[str]:
-    reason = "" if sig.result == "pass" else sig.reason
-    comment = _key_comment(sig)
-    d = _plain(sig.domain or "")
-    if sig.method == "dkim":
+    words = list(
+        _signature_head(
+            sig.method,
+            sig.result,
+            "" if sig.result == "pass" else sig.reason,
+            _key_comment(sig.result, sig.key_bits, sig.testing, sig.body_length),
+            sig.domain,
+            sig.identity,
+            sig.identity_header,
+            sig.selector,
+            sig.algorithm,
+        )
+    )
+    if sig.method == "dkim" and sig.b_prefix:
+        # header.b differs in every message: the only word not kept with the rest.
+        words.append(f"header.b={value(sig.b_prefix)}")
+    return words
+
+
+@functools.lru_cache(maxsize=1024)  # pure; a domain's signatures look alike message after message
+def _signature_head(
+    method: str,
+    result: str,
+    reason: str,
+    comment: str,
+    domain: str | None,
+    identity: str | None,
+    identity_header: str | None,
+    selector: str | None,
+    algorithm: str | None,
+) -> tuple[str, ...]:
+    """A signature's resinfo words without header.b (see _signature_words)."""
+    d = _plain(domain or "")
+    if method == "dkim":
         props: list[Prop] = [
             ("header.d", d),
-            ("header.i", _plain(sig.identity or "", address=True)),
-            ("header.s", _plain(sig.selector or "")),
-            ("header.a", _plain(sig.algorithm or "")),
+            ("header.i", _plain(identity or "", address=True)),
+            ("header.s", _plain(selector or "")),
+            ("header.a", _plain(algorithm or "")),
         ]
-        return _resinfo("dkim", sig.result, props, reason, comment, ("header.b", sig.b_prefix))
+        return tuple(_resinfo("dkim", result, props, reason, comment))
     # RFC 8601 registers header.d, header.from and header.sender for domainkeys (no header.b).
-    ident = "header.sender" if sig.identity_header == "sender" else "header.from"
-    props = [("header.d", d), (ident, _plain(sig.identity or "", address=True))]
-    return _resinfo("domainkeys", sig.result, props, reason, comment)
+    ident = "header.sender" if identity_header == "sender" else "header.from"
+    props = [("header.d", d), (ident, _plain(identity or "", address=True))]
+    return tuple(_resinfo("domainkeys", result, props, reason, comment))
 
 
-def _key_comment(sig: SignatureResult) -> str:
+def _key_comment(
+    result: str, key_bits: int | None, testing: bool, body_length: tuple[int, int] | None
+) -> str:
+    if not (key_bits or testing or body_length):
+        return ""
     parts = []
-    if sig.key_bits and sig.result in ("pass", "policy"):
-        parts.append(f"{sig.key_bits}-bit key")
-    if sig.testing:
+    if key_bits and result in ("pass", "policy"):
+        parts.append(f"{key_bits}-bit key")
+    if testing:
         parts.append("key in testing mode")
-    if sig.body_length is not None:
+    if body_length is not None:
         # RFC 6376 8.2: say why a good signature is not a pass.
-        parts.append(f"body beyond l={sig.body_length[0]} is not signed")
+        parts.append(f"body beyond l={body_length[0]} is not signed")
     return "; ".join(parts)
 
 
@@ -137,37 +188,67 @@ def result_words(report: VerificationReport) -> list[list[str]]:
     if not report.domainkeys:
         clauses.append(["domainkeys=none"])
     if report.arc is not None:
-        clauses.append(_arc_words(report.arc, report.client_ip))
-    spf = report.spf
-    if spf is not None:
-        if spf.scope == "mailfrom":
-            prop: Prop = ("smtp.mailfrom", _plain(spf.identity, address=True) or _plain(spf.domain))
-        else:
-            prop = ("smtp.helo", _plain(spf.identity))
-        reason = spf.explanation if spf.result in ("temperror", "permerror") else ""
-        clauses.append(_resinfo("spf", spf.result, [prop], reason, f"client {spf.client_ip}"))
+        clauses.append(list(_arc_words(report.arc, report.client_ip)))
+    if report.spf is not None:
+        clauses.append(list(_spf_words(report.spf)))
     dm = report.dmarc
     if dm is not None:
-        comment = ""
-        if dm.record is not None:
-            comment = f"p={dm.record.p}"
-            if dm.record.sp:
-                comment += f" sp={dm.record.sp}"
-            dis = "none" if report.dmarc_override else dm.disposition
-            comment += f" pct={dm.record.pct} dis={dis}"
-        reason = dm.reason if dm.result != "pass" else ""
-        props = [("header.from", _plain(dm.from_domain or ""))]
-        if report.dmarc_override:
-            # RFC 7489 6.7 PolicyOverrideType; RFC 8617 7.2.2's evidence goes in a comment.
-            props.insert(0, ("policy.override", "trusted_forwarder"))
-        words = _resinfo("dmarc", dm.result, props, reason, comment)
-        if report.dmarc_override:
-            words.insert(2 if comment else 1, _comment("override " + report.dmarc_override))
-        clauses.append(words)
+        record = dm.record
+        clauses.append(
+            list(
+                _dmarc_words(
+                    dm.result,
+                    dm.from_domain,
+                    dm.reason if dm.result != "pass" else "",
+                    None if record is None else (record.p, record.sp, record.pct),
+                    dm.disposition,
+                    report.dmarc_override,
+                )
+            )
+        )
     return clauses
 
 
-def _arc_words(arc: ArcResult, client_ip: str | None) -> list[str]:
+@functools.lru_cache(maxsize=1024)  # pure; a sender's DMARC clause repeats message after message
+def _dmarc_words(
+    result: str,
+    from_domain: str | None,
+    reason: str,
+    record: tuple[str, str | None, int] | None,
+    disposition: str,
+    override: str,
+) -> tuple[str, ...]:
+    """dmarc=RESULT with the record's p=, sp=, pct= and the disposition in a comment."""
+    comment = ""
+    if record is not None:
+        p, sp, pct = record
+        comment = f"p={p}"
+        if sp:
+            comment += f" sp={sp}"
+        dis = "none" if override else disposition
+        comment += f" pct={pct} dis={dis}"
+    props = [("header.from", _plain(from_domain or ""))]
+    if override:
+        # RFC 7489 6.7 PolicyOverrideType; RFC 8617 7.2.2's evidence goes in a comment.
+        props.insert(0, ("policy.override", "trusted_forwarder"))
+    words = _resinfo("dmarc", result, props, reason, comment)
+    if override:
+        words.insert(2 if comment else 1, _comment("override " + override))
+    return tuple(words)
+
+
+@functools.lru_cache(maxsize=1024)  # pure; results are kept per client and sender (spf.py)
+def _spf_words(spf: SpfResult) -> tuple[str, ...]:
+    if spf.scope == "mailfrom":
+        prop: Prop = ("smtp.mailfrom", _plain(spf.identity, address=True) or _plain(spf.domain))
+    else:
+        prop = ("smtp.helo", _plain(spf.identity))
+    reason = spf.explanation if spf.result in ("temperror", "permerror") else ""
+    return tuple(_resinfo("spf", spf.result, [prop], reason, f"client {spf.client_ip}"))
+
+
+@functools.lru_cache(maxsize=1024)  # pure (ArcResult is frozen); "none" in most mail
+def _arc_words(arc: ArcResult, client_ip: str | None) -> tuple[str, ...]:
     """RFC 8617 4.2.2 / 7.2: arc=RESULT [header.oldest-pass=N] smtp.remote-ip=ADDR."""
     comment = ""
     if arc.instances:
@@ -175,34 +256,44 @@ def _arc_words(arc: ArcResult, client_ip: str | None) -> list[str]:
     reason = arc.reason if arc.result == "fail" else ""
     oldest = str(arc.oldest_pass) if arc.oldest_pass is not None else None
     remote = ("smtp.remote-ip", client_ip) if client_ip else None
-    return _resinfo("arc", arc.result, [("header.oldest-pass", oldest)], reason, comment, remote)
+    return tuple(
+        _resinfo("arc", arc.result, [("header.oldest-pass", oldest)], reason, comment, remote)
+    )
 
 
 def _fold(head: str, clauses: list[list[str]]) -> str:
     """Put each clause on its own line; break long clauses between words."""
+    final = len(clauses) - 1
+    lines = [head]
+    lines.extend(
+        _fold_clause(tuple(words), ";" if n < final else "") for n, words in enumerate(clauses)
+    )
+    return "\r\n".join(lines) + "\r\n"
+
+
+@functools.lru_cache(maxsize=1024)  # pure; most clauses (SPF, DMARC, ARC, none) repeat
+def _fold_clause(words: tuple[str, ...], suffix: str) -> str:
+    """One clause as folded lines (without the final line end), `suffix` after its last word."""
     # Every word is printable ASCII without tabs (see _clean), so a line's width is its
     # leading tab (8 columns) plus its length after it: counted as we go, not re-measured.
-    lines = [head]
-    final = len(clauses) - 1
-    for n, words in enumerate(clauses):
-        suffix = ";" if n < final else ""
-        last = len(words) - 1
-        line = "\t"
-        width = 8
-        for i, word in enumerate(words):
-            piece = word + suffix if i == last else word
-            if width == 8:  # nothing on this line yet
-                line += piece
-                width += len(piece)
-            elif width + 1 + len(piece) > FOLD_WIDTH:
-                lines.append(line)
-                line = "\t  " + piece
-                width = 10 + len(piece)
-            else:
-                line += " " + piece
-                width += 1 + len(piece)
-        lines.append(line)
-    return "\r\n".join(lines) + "\r\n"
+    lines = []
+    last = len(words) - 1
+    line = "\t"
+    width = 8
+    for i, word in enumerate(words):
+        piece = word + suffix if i == last else word
+        if width == 8:  # nothing on this line yet
+            line += piece
+            width += len(piece)
+        elif width + 1 + len(piece) > FOLD_WIDTH:
+            lines.append(line)
+            line = "\t  " + piece
+            width = 10 + len(piece)
+        else:
+            line += " " + piece
+            width += 1 + len(piece)
+    lines.append(line)
+    return "\r\n".join(lines)
 
 
 def authentication_results(report: VerificationReport, authserv_id: str) -> bytes:
@@ -286,13 +377,16 @@ def forged_authentication_results(message: Message, authserv_id: str) -> list[in
 
 def header_byte_ranges(message: Message, indexes: Iterable[int]) -> list[tuple[int, int]]:
     """(start, end) byte offsets in `message.data` of the given header fields."""
+    wanted = sorted(set(indexes))
+    if not wanted:
+        return []  # the usual case: nothing forged to cut out
     sizes = [len(name) + 1 + len(val) for name, val in message.headers]
     offset = message.header_end - sum(sizes)  # skips an mbox "From " line, if any
     starts = []
     for size in sizes:
         starts.append(offset)
         offset += size
-    return [(starts[i], starts[i] + sizes[i]) for i in sorted(set(indexes))]
+    return [(starts[i], starts[i] + sizes[i]) for i in wanted]
 
 
 _FIELD_START = re.compile(rb"(?im)^" + FIELD_NAME + rb"[ \t]*:")

@@ -19,6 +19,7 @@ Keys OpenSSL will not load, and keys under 1024 bits, are verified by dkimpy's o
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -42,9 +43,65 @@ _DIGEST_INFO = {
 #: Below this size the check stays dkimpy's (such keys are a policy result anyway).
 _OPENSSL_MIN_BITS = 1024
 _WSP = re.compile(rb"\s+")
+#: The bytes `_WSP` matches, for bytes.translate (no regular expression per message).
+_WSP_BYTES = b" \t\n\r\x0b\x0c"
 _H_SPLIT = re.compile(rb"\s*:\s*")
 #: Distinct key records kept parsed; a record is a few hundred bytes.
 KEY_CACHE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """What RFC 6376 3.6.1 says about a key record on its own, read once per record.
+
+    `problem` makes the key unusable for any signature (bad v=, no p=, revoked, unknown k=);
+    `not_for_email` is kept apart because it is reported after the signature-dependent
+    checks (a= against k= and h=), as `signature_checks` has always ordered them.
+    """
+
+    problem: str | None
+    ktype: bytes
+    #: h= of the key, lower-cased; None when absent (every hash allowed).
+    hashes: frozenset[bytes] | None
+    not_for_email: bool
+    #: t= flags, lower-cased.
+    flags: frozenset[bytes]
+
+    @property
+    def testing(self) -> bool:
+        return b"y" in self.flags
+
+    @property
+    def strict_identity(self) -> bool:
+        return b"s" in self.flags
+
+
+def key_facts(key: dict[bytes, bytes]) -> KeyFacts:
+    """Read the per-record checks of a key record's tags (pure)."""
+    problem = None
+    version = key.get(b"v")
+    p = key.get(b"p")
+    ktype = key.get(b"k", b"rsa").lower()
+    if version is not None and version != b"DKIM1":
+        problem = "key record has unsupported version"
+    elif p is None:
+        problem = "key record has no p= tag"
+    elif not _WSP.sub(b"", p):
+        problem = "key revoked"
+    elif ktype not in (b"rsa", b"ed25519"):
+        problem = f"unsupported key type k={ktype.decode('ascii', 'replace')}"
+    hashes = key.get(b"h")
+    services = key.get(b"s")
+    not_for_email = services is not None and not (
+        {s.strip().lower() for s in services.split(b":")} & {b"*", b"email"}
+    )
+    return KeyFacts(
+        problem,
+        ktype,
+        None if hashes is None else frozenset(h.strip().lower() for h in hashes.split(b":")),
+        not_for_email,
+        frozenset(f.strip().lower() for f in key.get(b"t", b"").split(b":")),
+    )
 
 
 @dataclass(frozen=True)
@@ -63,6 +120,8 @@ class DKIMKey:
     dkimpy_key: Any = None
     openssl: rsa.RSAPublicKey | None = None
     modulus: int = 0
+    #: `key_facts` of `tags`; None with a syntax error.
+    facts: KeyFacts | None = None
 
     @property
     def syntax_error(self) -> bool:
@@ -106,10 +165,11 @@ def _parse_key(name: str, record: bytes) -> DKIMKey:
         tags = parse_tag_value(record)
     except InvalidTagValueList:
         return DKIMKey(None)
+    facts = key_facts(tags)
     try:
         pk, bits, ktag, _tlsrpt = dkim.evaluate_pk(name, record)
     except Exception as exc:  # KeyFormatError, binascii.Error, ASN.1 errors...
-        return DKIMKey(tags, error=exc.__class__.__name__)
+        return DKIMKey(tags, error=exc.__class__.__name__, facts=facts)
     openssl = None
     modulus = 0
     if ktag == b"rsa" and bits is not None and bits >= _OPENSSL_MIN_BITS:
@@ -118,39 +178,50 @@ def _parse_key(name: str, record: bytes) -> DKIMKey:
             openssl = rsa.RSAPublicNumbers(int(pk["publicExponent"]), modulus).public_key()
         except (ValueError, TypeError):
             openssl = None  # OpenSSL refuses the numbers: dkimpy's arithmetic decides
-    return DKIMKey(tags, None, bits, ktag, pk, openssl, modulus)
+    return DKIMKey(tags, None, bits, ktag, pk, openssl, modulus, facts)
 
 
-def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: DKIMKey) -> bool:
+def verify(
+    hashes: MessageHashes,
+    position: int,
+    sig: dict[bytes, bytes],
+    key: DKIMKey,
+    *,
+    decoded: tuple[bytes, bytes] | None = None,
+) -> bool:
     """Check the `position`-th DKIM-Signature (0 = topmost) of a message against `key`.
 
     `sig` is the signature's parsed tag list, already through `dkim.validate_signature_fields`;
-    `key` comes from `key_for` and is usable (no syntax error, no `error`). Returns whether
-    the signature verifies. Raises what `dkim.DKIM.verify` raises at the same points:
+    `key` comes from `key_for` and is usable (no syntax error, no `error`). `decoded` is
+    (b=, bh=) already base64-decoded by a caller that checked them (else they are decoded
+    here, as leniently as dkimpy does). Returns whether the signature verifies. Raises what
+    `dkim.DKIM.verify` raises at the same points:
     `dkim.ValidationError` ("body hash mismatch ..."), `dkim.MessageFormatError`,
     `dkim.KeyFormatError` (digest too large for the modulus).
     """
     try:
-        policy = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        policy = _policy(sig.get(b"c", b"simple/simple"))
     except InvalidCanonicalizationPolicyError as exc:
         raise dkim.MessageFormatError(f"invalid c= value: {exc.args[0]}") from exc
     hasher = HASH_ALGORITHMS[sig[b"a"]]
     length = int(sig[b"l"]) if b"l" in sig else None
     body_hash = hashes.body_digest(policy, hasher, length)
-    try:
-        expected = base64.b64decode(_WSP.sub(b"", sig[b"bh"]))
-    except TypeError as exc:
-        raise dkim.MessageFormatError(str(exc)) from exc
+    if decoded is not None:
+        signature, expected = decoded
+    else:
+        try:
+            expected = base64.b64decode(sig[b"bh"].translate(None, _WSP_BYTES))
+        except TypeError as exc:
+            raise dkim.MessageFormatError(str(exc)) from exc
     if body_hash != expected:
         raise dkim.ValidationError(
             f"body hash mismatch (got {base64.b64encode(body_hash)!r}, expected {sig[b'bh']!r})"
         )
-    include = [x.lower() for x in _H_SPLIT.split(sig[b"h"])]
-    if b"from" in include:
-        include.append(b"from")  # dkimpy bug#644046: an extra From must break the signature
+    include = list(_included(sig[b"h"]))
     header_hash = hasher()
     hashes.hash_headers(header_hash, policy, include, hashes.signatures[position])
-    signature = base64.b64decode(_WSP.sub(b"", sig[b"b"]))
+    if decoded is None:
+        signature = base64.b64decode(sig[b"b"].translate(None, _WSP_BYTES))
     if key.ktag == b"rsa":
         if key.openssl is None:
             try:
@@ -165,6 +236,20 @@ def verify(hashes: MessageHashes, position: int, sig: dict[bytes, bytes], key: D
             return False
         return True
     raise dkim.UnknownKeyTypeError(key.ktag)
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of c=; there are four valid values
+def _policy(c_value: bytes) -> CanonicalizationPolicy:
+    return CanonicalizationPolicy.from_c_value(c_value)
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function of h=; signers reuse a few lists
+def _included(h_value: bytes) -> tuple[bytes, ...]:
+    """The header field names an h= list signs, lower-cased, in order (RFC 6376 3.5)."""
+    include = [x.lower() for x in _H_SPLIT.split(h_value)]
+    if b"from" in include:
+        include.append(b"from")  # dkimpy bug#644046: an extra From must break the signature
+    return tuple(include)
 
 
 def _rsa_check(key: DKIMKey, signature: bytes, hash_name: str, digest: bytes) -> bool:

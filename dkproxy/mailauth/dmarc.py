@@ -17,7 +17,7 @@ from typing import Literal
 from publicsuffix2 import PublicSuffixList
 
 from .addresses import canonical_domain_or_none
-from .dnsresolver import Resolver
+from .dnsresolver import Resolver, TxtResult
 
 log = logging.getLogger("dkproxy.dmarc")
 
@@ -150,12 +150,25 @@ def parse_record(text: str) -> DmarcRecord:
     return DmarcRecord(p=p, sp=sp, adkim=adkim, aspf=aspf, pct=int(pct_text), tags=tags)
 
 
-async def _fetch(resolver: Resolver, domain: str) -> tuple[str, DmarcRecord | None, str]:
+async def _answer(resolver: Resolver, domain: str) -> TxtResult:
+    """The TXT answer at _dmarc.<domain>."""
+    name = f"_dmarc.{domain}"
+    # The verifier warmed this name before; a cached answer needs no coroutine.
+    return resolver.cached_txt(name) or await resolver.txt(name)
+
+
+def _status(answer: TxtResult, domain: str) -> tuple[str, DmarcRecord | None, str]:
     """('ok'|'none'|'temperror'|'permerror', record, reason) for _dmarc.<domain>."""
-    answer = await resolver.txt(f"_dmarc.{domain}")
     if answer.status == "temperror":
         return "temperror", None, f"DNS {answer.detail} for _dmarc.{domain}"
-    candidates = [r for r in answer.records if r.lstrip().startswith("v=DMARC1")]
+    return _policy_record(answer.raw, domain)
+
+
+@lru_cache(maxsize=1024)  # a pure function of the answer: read once, not once per message
+def _policy_record(raw: tuple[bytes, ...], domain: str) -> tuple[str, DmarcRecord | None, str]:
+    """('ok'|'none'|'permerror', record, reason) from the TXT records at _dmarc.<domain>."""
+    records = [r.decode("utf-8", "replace") for r in raw]
+    candidates = [r for r in records if r.lstrip().startswith("v=DMARC1")]
     if not candidates:
         return "none", None, f"no DMARC record for {domain}"
     if len(candidates) > 1:
@@ -190,11 +203,29 @@ async def evaluate(
             "permerror", from_domain, reason=f"From domain {from_domain!r} is invalid"
         )
     from_domain = canonical
-    status, record, reason = await _fetch(resolver, from_domain)
-    record_domain = from_domain
+    first = await _answer(resolver, from_domain)
     org = organizational_domain(from_domain)
-    if status == "none" and org != from_domain:
-        status, record, reason = await _fetch(resolver, org)
+    second = None
+    if _status(first, from_domain)[0] == "none" and org != from_domain:
+        second = await _answer(resolver, org)
+    return _judge(from_domain, org, first, second, tuple(passes), tuple(temporary))
+
+
+@lru_cache(maxsize=1024)  # pure: the same author, answers and passes give the same verdict
+def _judge(
+    from_domain: str,
+    org: str,
+    first: TxtResult,
+    second: TxtResult | None,
+    passes: tuple[AuthenticatedDomain, ...],
+    temporary: tuple[AuthenticatedDomain, ...],
+) -> DmarcResult:
+    """RFC 7489 6.6: the verdict from the answers at _dmarc.<from_domain> and, when that
+    has no record, at _dmarc.<org> (`second`)."""
+    status, record, reason = _status(first, from_domain)
+    record_domain = from_domain
+    if second is not None:
+        status, record, reason = _status(second, org)
         record_domain = org
     if status == "temperror":
         return DmarcResult("temperror", from_domain, reason=reason)
@@ -205,13 +236,10 @@ async def evaluate(
     policy: Policy = record.p
     if record_domain != from_domain and record.sp is not None:
         policy = record.sp
-    pass_list = list(passes)
     dkim_ok = any(
-        p.method == "dkim" and aligned(p.domain, from_domain, record.adkim) for p in pass_list
+        p.method == "dkim" and aligned(p.domain, from_domain, record.adkim) for p in passes
     )
-    spf_ok = any(
-        p.method == "spf" and aligned(p.domain, from_domain, record.aspf) for p in pass_list
-    )
+    spf_ok = any(p.method == "spf" and aligned(p.domain, from_domain, record.aspf) for p in passes)
 
     def verdict(value: DmarcValue, why: str) -> DmarcResult:
         return DmarcResult(

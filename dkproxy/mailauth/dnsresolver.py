@@ -10,6 +10,7 @@ into temperror, and that distinction is easiest to keep when it is data.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -212,13 +213,20 @@ class Resolver:
         self.stats.hits += 1
         return entry.answer
 
+    def cached_txt(self, name: str) -> TxtResult | None:
+        """`txt(name)` when the answer is cached and fresh, else None (no lookup starts)."""
+        answer = self.cached(name, "TXT")
+        if answer is None:
+            return None
+        return TxtResult(answer.status, tuple(answer.records), answer.detail)
+
     def txt_future(self, name: str) -> asyncio.Future[TxtResult]:
         """`txt(name)` started now: an already-finished future when the answer is cached (no
         task, no trip through the event loop), else a task doing the lookup."""
-        answer = self.cached(name, "TXT")
-        if answer is not None:
+        result = self.cached_txt(name)
+        if result is not None:
             done: asyncio.Future[TxtResult] = asyncio.get_running_loop().create_future()
-            done.set_result(TxtResult(answer.status, tuple(answer.records), answer.detail))
+            done.set_result(result)
             return done
         return asyncio.ensure_future(self.txt(name))
 
@@ -350,6 +358,7 @@ class Resolver:
         return DnsAnswer("ok", records), min(ttl, cfg.max_ttl)
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the same names are asked message after message
 def _normalise(name: str) -> str:
     name = name.strip().lower()
     return name if name.endswith(".") else name + "."

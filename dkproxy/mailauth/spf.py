@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import ipaddress
 import logging
 import re
@@ -198,7 +199,7 @@ class _Check:
     def identity(self) -> str:
         return self.sender if self.sender else self.helo
 
-    @property
+    @functools.cached_property  # a frozen dataclass keeps it in its __dict__: made once
     def cache_key(self) -> tuple[str, ...]:
         # Keyed on the domain exactly as pyspf reads it (after the first "@", split_email).
         checked_domain = self.sender.split("@", 1)[1].lower() if self.sender else ""
@@ -219,14 +220,30 @@ class _Check:
         )
 
 
+@functools.lru_cache(maxsize=1024)  # pure; clients send many messages
+def _client_address(client_ip: str) -> str | None:
+    """The client's address in the form pyspf and the result cache use, None if unusable."""
+    try:
+        return str(ipaddress.ip_address(client_ip.strip().strip("[]").removeprefix("IPv6:")))
+    except ValueError:
+        return None
+
+
 def _make_check(
     client_ip: str, mail_from: str | None, helo: str | None, receiver: str, total_timeout: float
 ) -> _Check | None:
-    try:
-        ip = str(ipaddress.ip_address(client_ip.strip().strip("[]").removeprefix("IPv6:")))
-    except ValueError:
+    ip = _client_address(client_ip)
+    if ip is None:
         log.info("SPF skipped: bad client address %r", client_ip)
         return None
+    return _check_for(ip, mail_from, helo, receiver, total_timeout)
+
+
+@functools.lru_cache(maxsize=1024)  # pure; a client sends many messages from one sender
+def _check_for(
+    ip: str, mail_from: str | None, helo: str | None, receiver: str, total_timeout: float
+) -> _Check | None:
+    """The check for a usable client address (see _make_check); None without an identity."""
     sender = (mail_from or "").strip().strip("<>")
     helo_name = (helo or "").strip().rstrip(".")
     if sender and "@" not in sender:

@@ -7,6 +7,8 @@ IDNA 2008 with the UTS 46 mapping (RFC 5890/5891) comes from the `idna` package.
 
 from __future__ import annotations
 
+import functools
+
 import idna
 
 
@@ -14,6 +16,7 @@ class DomainError(ValueError):
     """A domain name that has no A-label form (empty label, disallowed code point ...)."""
 
 
+@functools.lru_cache(maxsize=4096)  # pure; the same few domains come back in every message
 def canonical_domain(name: str) -> str:
     """The lower-case A-label form of a domain name, without a trailing dot.
 
@@ -42,6 +45,7 @@ def canonical_domain(name: str) -> str:
         raise DomainError(f"{text!r} is not a valid domain name ({exc})") from None
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and asked several times per message
 def canonical_domain_or_none(name: str) -> str | None:
     """`canonical_domain`, or None where it raises."""
     try:
