@@ -286,20 +286,27 @@ class Listener(SMTP):
         super()._timeout_cb()
 
     async def handle_exception(self, error: Exception) -> str:
-        """A bug of ours: log it, answer 421 and end the session (never a traceback to the
-        client, never a half-done transaction). A client that closed mid-command is just gone.
+        """aiosmtpd's command loop failed: a client gone mid-command ends the session; a bug
+        of ours is logged and answered with 421, which ends it too (never a traceback to the
+        client, never a half-done transaction).
 
-        aiosmtpd's command loop calls this and goes round again; a reader at EOF raises again
-        at once without waiting, so the loop would spin without ever letting the event loop run
-        (seen once: a worker at 100% CPU that no longer stopped). Yielding here lets a pending
-        hang-up cancel the session and connection_lost end the loop.
+        The loop calls this and goes round again. A reader at EOF makes `readuntil()` raise
+        again at once, without waiting: if nothing here waited either, the loop would never
+        give control back to the event loop, so the cancellation that ends the session,
+        connection_lost and the signal handlers would never run (a worker was found at 100%
+        CPU, deaf to SIGTERM, after aiosmtpd's cancellation on EOF had been lost). So a
+        client that is gone is hung up on here and the cancellation awaited: the session
+        ends in this call, whatever state the reader is in.
         """
-        await asyncio.sleep(0)
-        if isinstance(error, asyncio.IncompleteReadError | ConnectionError):
+        self._spent = True  # a transaction may be open downstream: never pool it
+        if isinstance(error, asyncio.IncompleteReadError | ConnectionError) or (
+            self._reader.at_eof()
+        ):
             log.debug("client=%s gone: %r", self.peer, error)
-        else:
-            log.exception("client=%s internal error; closing the session", self.peer)
-        self._spent = True
+            self._hang_up()
+            await asyncio.sleep(0)  # _hang_up cancelled this task: the cancellation lands here
+            raise asyncio.CancelledError  # the cancellation did not land: end the loop anyway
+        log.exception("client=%s internal error; closing the session", self.peer)
         return "421 4.3.0 internal error, try again later"
 
     # -- replies ---------------------------------------------------------------------------
@@ -317,9 +324,11 @@ class Listener(SMTP):
             if self.transport is not None and not self.transport.is_closing():
                 self._writer.write(data)
 
-    async def push(self, status: AnyStr) -> None:
+    async def push(self, status: AnyStr | None) -> None:
         """Queue one reply; replies to pipelined commands go out in one write (RFC 2920, as
         Postfix does), and after `fairness_batch` of them the session lets the others run."""
+        if status is None:
+            return  # aiosmtpd's command loop after handle_exception ended the session
         data = status if isinstance(status, bytes) else status.encode("utf-8", "surrogateescape")
         if data[:1] == b"5":
             self._errors += 1
