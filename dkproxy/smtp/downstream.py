@@ -181,9 +181,12 @@ class Downstream:
         """Open the connection and read the greeting; a 4xx/5xx greeting is returned, not
         raised. DownstreamError when the server cannot be reached."""
         try:
-            return Reply.from_response(
-                await self.client.connect(timeout=self.settings.connect_timeout)
-            )
+            # asyncio.timeout, not the client's (asyncio.wait_for, which on Python 3.11 drops
+            # a cancellation that lands as the greeting arrives: the upstream session would
+            # then go on with its client gone; see Listener.handle_exception).
+            async with asyncio.timeout(self.settings.connect_timeout):
+                response = await self.client.connect(timeout=None)
+            return Reply.from_response(response)
         except aiosmtplib.SMTPConnectResponseError as exc:
             return Reply(exc.code, tuple(exc.message.split("\n")))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -197,7 +200,8 @@ class Downstream:
         """
         try:
             # asyncio.timeout rather than the client's own timeout (asyncio.wait_for, which
-            # costs a future and a callback more per reply); a timeout discards the session.
+            # costs a future and a callback more per reply, and on Python 3.11 drops a
+            # cancellation that lands as the reply arrives); a timeout discards the session.
             async with asyncio.timeout(self.settings.timeout):
                 response = await self.client.execute_command(line, timeout=None)
         except aiosmtplib.SMTPResponseException as exc:
@@ -259,7 +263,8 @@ class Downstream:
                         await protocol._drain_helper()
             if batch:
                 protocol.write(b"".join(batch))
-            response = await protocol.read_response(timeout=timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for: see command())
+                response = await protocol.read_response(timeout=None)
         except aiosmtplib.SMTPResponseException as exc:
             self.discard()
             raise DownstreamError(f"malformed reply from downstream: {exc.message}") from exc
