@@ -15,9 +15,10 @@ from collections.abc import Awaitable, Callable
 from dkproxy.mailauth.message import break_long_lines, wire_line_ends
 from dkproxy.smtp.spool import Spool
 
-#: How much DATA is taken from the stream at a time at most (it is what has arrived).
-READ_ALL = 1 << 30
-#: A line longer than this without a line end is stored in pieces of about this size.
+#: How much DATA is taken from the stream at a time at most, and the size of the pieces a
+#: line longer than this without a line end is stored in. Bounded because every session
+#: holds its unfinished piece between reads: a hundred clients sending at once must not
+#: each keep what the socket had delivered (up to a few hundred KB).
 SCAN_CHUNK = 1 << 16
 
 
@@ -97,13 +98,15 @@ async def receive_message(
                 kept = False
         after_crlf = buf[cut - 2 : cut] == b"\r\n"
         line_start = buf[cut - 1 : cut] == b"\n"
-        del buf[:consumed]
         if end >= 0:
+            del buf[:consumed]
             break
-        if not buf:
-            buf += await fill()
+        # A new buffer for the rest (a line's start, at most SCAN_CHUNK): del buf[:n] would
+        # keep the old one's allocation for as long as the session waits for the next read.
+        buf = buf[consumed:] if consumed < len(buf) else bytearray(await fill())
     if buf and not reader.at_eof():
-        # Pipelined commands after the dot: nothing was awaited since the last read
-        # took the whole stream buffer, so they go back in order.
-        reader.feed_data(bytes(buf))
+        # Pipelined commands after the dot go back for the command loop, before what the
+        # stream still holds (reads are bounded). StreamReader has no "unread": its buffer
+        # (a bytearray, non-public) is prepended to, as the listener's docstring notes.
+        reader._buffer[:0] = buf  # type: ignore[attr-defined]
     return kept, spool_error

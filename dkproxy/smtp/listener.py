@@ -16,7 +16,8 @@ Non-public aiosmtpd interfaces relied on (aiosmtpd 1.4.6, pinned <1.5 in pyproje
 `SMTP._handle_client` (wrapped: the downstream is opened before the greeting and released
 after the session), `SMTP._smtp_methods` (its verb table, given a fallback for unknown
 verbs), `SMTP._reader` / `SMTP._writer` and the reader's `_buffer` (to know whether pipelined
-commands are waiting), `SMTP._reset_timeout()` (the idle timer, re-armed while DATA flows),
+commands are waiting; data_in puts back there what follows the end of DATA),
+`SMTP._reset_timeout()` (the idle timer, re-armed while DATA flows),
 `SMTP._handler_coroutine` (cancelled to end a session, as aiosmtpd's QUIT does),
 `SMTP._tls_protocol`, `SMTP._auth_require_tls` and `SMTP._auth_methods` (EHLO offers
 STARTTLS and AUTH as the stock EHLO does), and that `SMTP.__init__` finds commands and AUTH
@@ -35,7 +36,7 @@ from typing import Any, AnyStr, TypeVar
 from aiosmtpd.smtp import SMTP
 
 from dkproxy.smtp.aiosmtpd_glue import NO_HOOKS, SCANNED_NAMES, SameLimit, Verbs
-from dkproxy.smtp.data_in import READ_ALL, SCAN_CHUNK, ClientGone, receive_message
+from dkproxy.smtp.data_in import SCAN_CHUNK, ClientGone, receive_message
 from dkproxy.smtp.downstream import CONTROL_OCTETS, Downstream, DownstreamError, Reply
 from dkproxy.smtp.limits import check_declared_size, check_received
 from dkproxy.smtp.roles import ProxyLogic, Transaction, Worker
@@ -585,7 +586,7 @@ class Listener(SMTP):
     async def _fill(self) -> bytes:
         """What has arrived from the client (waiting for it if nothing has)."""
         self._flush()
-        chunk = await self._reader.read(READ_ALL)
+        chunk = await self._reader.read(SCAN_CHUNK)
         if not chunk:
             raise ClientGone("connection closed in DATA")
         self._reset_timeout()
