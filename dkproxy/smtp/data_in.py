@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from dkproxy.mailauth.message import break_long_lines, wire_line_ends
+from dkproxy.mailauth.message import LINE_LENGTH_LIMIT, break_long_lines, wire_line_ends
 from dkproxy.smtp.spool import Spool
 
 #: How much DATA is taken from the stream at a time at most, and the size of the pieces a
@@ -38,6 +38,26 @@ def data_piece(piece: bytes, line_start: bool) -> bytes:
     if line_start and piece.startswith(b"."):
         piece = piece[1:]
     return piece.replace(b"\r\n.", b"\r\n")
+
+
+def lines_within_limit(content: bytes) -> bool:
+    """True when `content` (CRLF lines from a line start, ending in a line end) has no line
+    over LINE_LENGTH_LIMIT characters: what `break_long_lines` would leave unchanged.
+
+    Looks for the last LF within each next 1000 octets instead of splitting the piece into
+    lines (a line of at most 998 characters and its CRLF fit in 1000), so a piece of short
+    lines costs one search per kilobyte, not an object per line.
+    """
+    if not content.endswith(b"\n"):
+        return False
+    span = LINE_LENGTH_LIMIT + 2
+    start, size = 0, len(content)
+    while size - start > span:
+        last = content.rfind(b"\n", start, start + span)
+        if last < 0:
+            return False
+        start = last + 1
+    return True
 
 
 async def receive_message(
@@ -86,7 +106,9 @@ async def receive_message(
                 cut = consumed = last + 2
         if kept:
             # Lines over 998 characters: broken as Postfix's smtp client sends them on.
-            stored, column = break_long_lines(data_piece(bytes(buf[:cut]), line_start), column)
+            stored = data_piece(bytes(buf[:cut]), line_start)
+            if column or not lines_within_limit(stored):
+                stored, column = break_long_lines(stored, column)
             try:
                 spool.write(stored)
             except OSError as exc:  # the spool directory is full or unusable
