@@ -9,24 +9,44 @@ answers cheaply (the table and limits are consulted once per command, `__init__`
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 
 class Verbs(dict[str, Any]):
-    """aiosmtpd's verb table, answering unknown verbs with the listener's own handler (so
-    that they count as protocol errors, as every other error does)."""
+    """aiosmtpd's verb table (`SMTP._smtp_methods`, consulted once per command line).
 
-    fallback: Callable[[str, str | None], Awaitable[None]]
+    A command method of the listener is bound on its first use and kept: binding all of them
+    for every connection, as aiosmtpd's own table does, cost more than a session uses.
+    Unknown verbs are answered by `fallback` (so that they count as protocol errors, as every
+    other error does) and not kept, so that random verbs cannot grow the table.
+    """
+
     #: The session is ending: commands still buffered are not served (cancelling the
     #: command loop takes effect only at its next wait, after it has read on).
     closed = False
+
+    def __init__(
+        self,
+        owner: object,
+        commands: Mapping[str, Callable[..., Awaitable[None]]],
+        fallback: Callable[[str, str | None], Awaitable[None]],
+    ) -> None:
+        super().__init__()
+        self.owner = owner
+        self.commands = commands
+        self.fallback = fallback
 
     def get(self, verb: str, default: Any = None) -> Any:  # type: ignore[override]
         if self.closed:
             return ignore
         method = dict.get(self, verb)
-        return method if method is not None else functools.partial(self.fallback, verb)
+        if method is None:
+            function = self.commands.get(verb)
+            if function is None:
+                return functools.partial(self.fallback, verb)
+            method = self[verb] = function.__get__(self.owner)
+        return method
 
 
 async def ignore(arg: str | None) -> None:
@@ -44,6 +64,8 @@ class NoHooks:
 
 NO_HOOKS = NoHooks()
 SCANNED_NAMES: dict[type, list[str]] = {}
+#: Listener class -> its command methods by verb (see Listener._commands).
+COMMANDS: dict[type, dict[str, Callable[..., Awaitable[None]]]] = {}
 
 
 class SameLimit(dict[str, int]):

@@ -21,7 +21,8 @@ commands are waiting; data_in puts back there what follows the end of DATA),
 `SMTP._handler_coroutine` (cancelled to end a session, as aiosmtpd's QUIT does),
 `SMTP._tls_protocol`, `SMTP._auth_require_tls` and `SMTP._auth_methods` (EHLO offers
 STARTTLS and AUTH as the stock EHLO does), and that `SMTP.__init__` finds commands and AUTH
-mechanisms through `dir(self)` (`Listener.__dir__` narrows that scan).
+mechanisms through `dir(self)` (`Listener.__dir__` narrows that scan to AUTH mechanisms; the
+verb table is ours).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
-from dkproxy.smtp.aiosmtpd_glue import NO_HOOKS, SCANNED_NAMES, SameLimit, Verbs
+from dkproxy.smtp.aiosmtpd_glue import COMMANDS, NO_HOOKS, SCANNED_NAMES, SameLimit, Verbs
 from dkproxy.smtp.data_in import SCAN_CHUNK, ClientGone, receive_message
 from dkproxy.smtp.downstream import CONTROL_OCTETS, Downstream, DownstreamError, Reply
 from dkproxy.smtp.limits import check_declared_size, check_received
@@ -90,8 +91,7 @@ class Listener(SMTP):
             loop=asyncio.get_running_loop(),  # (aiosmtpd's own look-up costs more)
             **options,
         )
-        self._verbs = Verbs(self._smtp_methods)
-        self._verbs.fallback = self._unknown_verb
+        self._verbs = Verbs(self, self._commands(), self._unknown_verb)
         self._smtp_methods = self._verbs
         self.worker = worker
         self.settings = settings
@@ -114,18 +114,25 @@ class Listener(SMTP):
         self._unyielded = 0
 
     def __dir__(self) -> list[str]:
-        """Only the names aiosmtpd scans in every new instance (its smtp_* commands and
-        auth_* mechanisms): scanning all of them cost 0.4 ms per connection."""
+        """Only the names aiosmtpd scans in every new instance that it must see: the auth_*
+        mechanisms. Its smtp_* scan binds every command of every connection; `Verbs` binds
+        a command on its first use instead (`_commands`)."""
         names = SCANNED_NAMES.get(type(self))
         if names is None:
-            # aiosmtpd's own smtp_* methods that a subclass method here replaces or that the
-            # verb fallback answers (VRFY, EXPN, HELP) are left out.
-            stock = {"smtp_VRFY", "smtp_EXPN", "smtp_HELP"}
-            names = [
-                n for n in super().__dir__() if n.startswith(("smtp_", "auth_")) and n not in stock
-            ]
+            names = [n for n in super().__dir__() if n.startswith("auth_")]
             SCANNED_NAMES[type(self)] = names
         return list(names)
+
+    @classmethod
+    def _commands(cls) -> dict[str, Callable[..., Awaitable[None]]]:
+        """verb -> smtp_<VERB> function of this class, found once per class (VRFY, EXPN and
+        HELP, aiosmtpd's, are left to the verb fallback)."""
+        commands = COMMANDS.get(cls)
+        if commands is None:
+            stock = {"smtp_VRFY", "smtp_EXPN", "smtp_HELP"}
+            names = [n for n in dir(cls) if n.startswith("smtp_") and n not in stock]
+            commands = COMMANDS[cls] = {name[5:]: getattr(cls, name) for name in names}
+        return commands
 
     # -- session ---------------------------------------------------------------------------
 
