@@ -183,6 +183,29 @@ def test_downstream_timeout_gives_4xx(keyfile: str) -> None:
         assert time.monotonic() - started < 4
 
 
+@pytest.mark.parametrize("verb", ["MAIL", "RCPT"])
+def test_downstream_silent_on_a_command_gives_4xx_logged_as_a_timeout(
+    keyfile: str, verb: str
+) -> None:
+    """A downstream that never answers an envelope command: 4xx within relay_timeout, the
+    failure named a timeout (not a lost connection), and the proxy serves the next client."""
+    args = signing_args(keyfile, "--relay_timeout=1")
+    with CaptureServer(delays={verb: 30}) as down, ProxyProcess("out", args, down.address) as proxy:
+        with RawClient(proxy.host, proxy.port) as client:
+            client.reply()
+            client.command("EHLO c.test")
+            started = time.monotonic()
+            code, _ = client.command("MAIL FROM:<alice@example.org>")
+            if verb == "RCPT":
+                assert code == 250
+                code, _ = client.command("RCPT TO:<bob@example.net>")
+            assert 400 <= code < 500
+            assert time.monotonic() - started < 10
+        assert f"did not answer to {verb}" in proxy.log, proxy.log
+        with RawClient(proxy.host, proxy.port) as client:
+            assert client.reply()[0] == 220
+
+
 def test_pipelined_commands_get_replies_in_order(keyfile: str, capture: CaptureServer) -> None:
     with ProxyProcess("out", signing_args(keyfile), capture.address) as proxy, \
             RawClient(proxy.host, proxy.port) as client:  # fmt: skip

@@ -168,6 +168,8 @@ class Downstream:
         )
         #: ESMTP keywords (upper case) and their parameters from the last EHLO reply.
         self.extensions: dict[str, str] = {}
+        #: A command went unanswered for `settings.timeout` seconds (the session is closed).
+        self.expired = False
 
     @property
     def connected(self) -> bool:
@@ -181,9 +183,12 @@ class Downstream:
         """Open the connection and read the greeting; a 4xx/5xx greeting is returned, not
         raised. DownstreamError when the server cannot be reached."""
         try:
-            return Reply.from_response(
-                await self.client.connect(timeout=self.settings.connect_timeout)
-            )
+            # asyncio.timeout, not the client's (asyncio.wait_for, which on Python 3.11 drops
+            # a cancellation that lands as the greeting arrives: the upstream session would
+            # then go on with its client gone; see Listener.handle_exception).
+            async with asyncio.timeout(self.settings.connect_timeout):
+                response = await self.client.connect(timeout=None)
+            return Reply.from_response(response)
         except aiosmtplib.SMTPConnectResponseError as exc:
             return Reply(exc.code, tuple(exc.message.split("\n")))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
@@ -195,18 +200,32 @@ class Downstream:
         ValueError if the line holds a control octet (the caller answers 501 before that);
         DownstreamError when the server times out, closes or sends a malformed reply.
         """
+        # The reply is awaited under one timer that closes the connection when it fires,
+        # not under the client's own timeout (asyncio.wait_for: a future and a callback more
+        # per reply, and on Python 3.11 it drops a cancellation that lands as the reply
+        # arrives) nor asyncio.timeout (a context object and a task look-up per command,
+        # four commands a message): a timeout discards the session either way.
+        timer = asyncio.get_running_loop().call_later(self.settings.timeout, self._expire)
         try:
-            # asyncio.timeout rather than the client's own timeout (asyncio.wait_for, which
-            # costs a future and a callback more per reply); a timeout discards the session.
-            async with asyncio.timeout(self.settings.timeout):
-                response = await self.client.execute_command(line, timeout=None)
+            response = await self.client.execute_command(line, timeout=None)
         except aiosmtplib.SMTPResponseException as exc:
             self.discard()  # the reply could not be parsed: the session is out of step
             raise DownstreamError(f"malformed reply from downstream: {exc.message}") from exc
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.discard()
-            raise _error(exc, f"to {line.split(b' ', 1)[0].decode('ascii', 'replace')}") from exc
+            doing = f"to {line.split(b' ', 1)[0].decode('ascii', 'replace')}"
+            raise _error(TimeoutError() if self.expired else exc, doing) from exc
+        finally:
+            timer.cancel()
         return Reply.from_response(response)
+
+    def _expire(self) -> None:
+        """No reply within the timeout: end the session, which fails the waiting command."""
+        self.expired = True
+        transport = self.client.transport
+        if transport is not None:
+            transport.abort()  # (close() would first wait for unsent data to go out)
+        self.discard()
 
     async def ehlo(self, name: bytes) -> Reply:
         """EHLO with the upstream's name, falling back to HELO when the server does not speak
@@ -259,7 +278,8 @@ class Downstream:
                         await protocol._drain_helper()
             if batch:
                 protocol.write(b"".join(batch))
-            response = await protocol.read_response(timeout=timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for: see command())
+                response = await protocol.read_response(timeout=None)
         except aiosmtplib.SMTPResponseException as exc:
             self.discard()
             raise DownstreamError(f"malformed reply from downstream: {exc.message}") from exc

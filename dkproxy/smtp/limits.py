@@ -58,15 +58,17 @@ def check_header(message: Buffer, max_size: int, max_fields: int) -> Refusal | N
     `max_fields`: header fields (a folded field counts once). Only the first max_size + 4
     octets are looked at, so a huge header costs no more than a legal one.
     """
-    window = bytes(message[: max_size + 4])
-    end = 0 if window.startswith(b"\r\n") else window.find(b"\r\n\r\n")
+    # Searched in place: a copy of the window would cost a copy of up to max_size octets
+    # (1 MiB by default) of every large message, and touch all its spooled pages.
+    window = max_size + 4
+    end = 0 if message[:2] == b"\r\n" else message.find(b"\r\n\r\n", 0, window)
     if end < 0:
         if len(message) > max_size:
             return Refusal(
                 "552 5.3.4 Error: message header size exceeds limit",
                 f"header block exceeds {max_size} bytes",
             )
-        end = len(window)
+        end = min(len(message), window)
     else:
         end = end + 2 if end else 0
         if end > max_size:
@@ -74,7 +76,7 @@ def check_header(message: Buffer, max_size: int, max_fields: int) -> Refusal | N
                 "552 5.3.4 Error: message header size exceeds limit",
                 f"header block of {end} bytes exceeds {max_size}",
             )
-    block = window[:end]
+    block = bytes(message[:end])
     fields = sum(1 for line in block.split(b"\r\n") if line and line[:1] not in b" \t")
     if fields > max_fields:
         return Refusal(

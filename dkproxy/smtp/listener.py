@@ -16,38 +16,34 @@ Non-public aiosmtpd interfaces relied on (aiosmtpd 1.4.6, pinned <1.5 in pyproje
 `SMTP._handle_client` (wrapped: the downstream is opened before the greeting and released
 after the session), `SMTP._smtp_methods` (its verb table, given a fallback for unknown
 verbs), `SMTP._reader` / `SMTP._writer` and the reader's `_buffer` (to know whether pipelined
-commands are waiting), `SMTP._reset_timeout()` (the idle timer, re-armed while DATA flows),
+commands are waiting; data_in puts back there what follows the end of DATA),
+`SMTP._reset_timeout()` (the idle timer, re-armed while DATA flows),
 `SMTP._handler_coroutine` (cancelled to end a session, as aiosmtpd's QUIT does),
 `SMTP._tls_protocol`, `SMTP._auth_require_tls` and `SMTP._auth_methods` (EHLO offers
 STARTTLS and AUTH as the stock EHLO does), and that `SMTP.__init__` finds commands and AUTH
-mechanisms through `dir(self)` (`Listener.__dir__` narrows that scan).
+mechanisms through `dir(self)` (`Listener.__dir__` narrows that scan to AUTH mechanisms; the
+verb table is ours).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, AnyStr, Protocol, TypeVar
+from typing import Any, AnyStr, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
-from dkproxy.smtp.downstream import (
-    CONTROL_OCTETS,
-    Downstream,
-    DownstreamError,
-    DownstreamPool,
-    Reply,
-)
-from dkproxy.smtp.limits import Refusal, check_declared_size, check_received
-from dkproxy.smtp.lines import break_long_lines, wire_line_ends
+from dkproxy.smtp.aiosmtpd_glue import COMMANDS, NO_HOOKS, SCANNED_NAMES, SameLimit, Verbs
+from dkproxy.smtp.data_in import SCAN_CHUNK, ClientGone, receive_message
+from dkproxy.smtp.downstream import CONTROL_OCTETS, Downstream, DownstreamError, Reply
+from dkproxy.smtp.limits import check_declared_size, check_received
+from dkproxy.smtp.roles import ProxyLogic, Transaction, Worker
 from dkproxy.smtp.spool import Spool
 
-if TYPE_CHECKING:
-    from dkproxy.smtp.settings import SessionSettings
+__all__ = ["MAIL_FROM_PATH", "Listener", "ProxyLogic", "Transaction", "Worker", "path_address"]
 
 log = logging.getLogger("dkproxy.session")
 T = TypeVar("T")
@@ -56,66 +52,6 @@ MAIL_FROM_PATH = re.compile(r"FROM:\s*(<[^>]*>|[^\s<>]*)(.*)$", re.IGNORECASE | 
 RCPT_TO_PATH = re.compile(r"TO:\s*(<[^>]*>|[^\s<>]+)(.*)$", re.IGNORECASE | re.DOTALL)
 #: Extensions passed upstream when the downstream has them; everything else is withheld.
 RELAYED_EXTENSIONS = ("8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES", "XFORWARD")
-#: How much DATA is taken from the stream at a time at most (it is what has arrived).
-_READ_ALL = 1 << 30
-_SCAN_CHUNK = 1 << 16
-
-
-class Transaction(Protocol):
-    """What the listener records about the current mail transaction (the proxy's Envelope)."""
-
-    helo: str | None
-    mail_from: str | None
-    mail_line: bytes
-    rcpt_to: list[str]
-    xforward: dict[str, str]
-
-
-class ProxyLogic(Protocol):
-    """The proxy above the listener: transactions, the processor, verdicts, the log line."""
-
-    def begin(self, peer: str, helo: str | None) -> Transaction: ...
-
-    async def deliver(
-        self, downstream: Downstream, tx: Transaction, spool: Spool | None, started: float
-    ) -> Reply: ...
-
-    def refuse_declared(self, refusal: Refusal) -> None: ...
-
-    async def refuse(self, downstream: Downstream, tx: Transaction, refusal: Refusal) -> Reply: ...
-
-
-class Worker(Protocol):
-    """What a worker process shares with its sessions (see dkproxy.smtp.server)."""
-
-    settings: SessionSettings
-    logic: ProxyLogic
-    pool: DownstreamPool
-
-    def session_opened(self, listener: Listener) -> str | None:
-        """None, or the reply that refuses the session (e.g. the access list)."""
-
-    def session_closed(self, listener: Listener) -> None: ...
-
-    def downstream_failed(self, kind: str) -> None: ...
-
-
-class ClientGone(Exception):
-    """The upstream client closed the connection in the middle of DATA."""
-
-
-def data_piece(piece: bytes, line_start: bool) -> bytes:
-    """One line-aligned piece of DATA as it goes into the spool: line ends made CRLF, the
-    dot-stuffing undone (RFC 5321 4.5.2). `line_start`: the piece begins a line.
-
-    Bare LF, bare CR, CR CR LF ...: rewritten as Postfix stores them (`wire_line_ends`), so
-    what we sign is what arrives (a dot after a bare LF is stuffing, as Postfix reads it).
-    This is the one place DATA content is normalised.
-    """
-    piece = wire_line_ends(piece)
-    if line_start and piece.startswith(b"."):
-        piece = piece[1:]
-    return piece.replace(b"\r\n.", b"\r\n")
 
 
 def path_address(token: str) -> str:
@@ -132,26 +68,6 @@ def _has_control(octets: bytes) -> bool:
     return not CONTROL_OCTETS.isdisjoint(octets)
 
 
-class _Verbs(dict[str, Any]):
-    """aiosmtpd's verb table, answering unknown verbs with the listener's own handler (so
-    that they count as protocol errors, as every other error does)."""
-
-    fallback: Callable[[str, str | None], Awaitable[None]]
-    #: The session is ending: commands still buffered are not served (cancelling the
-    #: command loop takes effect only at its next wait, after it has read on).
-    closed = False
-
-    def get(self, verb: str, default: Any = None) -> Any:  # type: ignore[override]
-        if self.closed:
-            return _ignore
-        method = dict.get(self, verb)
-        return method if method is not None else functools.partial(self.fallback, verb)
-
-
-async def _ignore(arg: str | None) -> None:
-    return None
-
-
 class Listener(SMTP):
     """Serves one upstream connection, relaying to its own downstream session."""
 
@@ -159,13 +75,13 @@ class Listener(SMTP):
         settings = worker.settings
         # The stream's limit is also its flow-control mark; command lines are held to
         # max_command_line by command_size_limit below.
-        self.line_length_limit = max(settings.max_command_line + 2, _SCAN_CHUNK)
+        self.line_length_limit = max(settings.max_command_line + 2, SCAN_CHUNK)
         self.command_size_limit = settings.max_command_line
-        self.command_size_limits = _SameLimit(settings.max_command_line)
+        self.command_size_limits = SameLimit(settings.max_command_line)
         options = {**settings.listener_options, **aiosmtpd_options}
         self._auth_offered = bool(options.get("authenticator") or options.get("auth_callback"))
         super().__init__(
-            _NO_HOOKS,  # the proxy logic is called directly, not through handle_* hooks
+            NO_HOOKS,  # the proxy logic is called directly, not through handle_* hooks
             hostname=settings.hostname,
             ident=settings.ident,
             data_size_limit=settings.max_message_size or None,
@@ -175,8 +91,7 @@ class Listener(SMTP):
             loop=asyncio.get_running_loop(),  # (aiosmtpd's own look-up costs more)
             **options,
         )
-        self._verbs = _Verbs(self._smtp_methods)
-        self._verbs.fallback = self._unknown_verb
+        self._verbs = Verbs(self, self._commands(), self._unknown_verb)
         self._smtp_methods = self._verbs
         self.worker = worker
         self.settings = settings
@@ -199,18 +114,25 @@ class Listener(SMTP):
         self._unyielded = 0
 
     def __dir__(self) -> list[str]:
-        """Only the names aiosmtpd scans in every new instance (its smtp_* commands and
-        auth_* mechanisms): scanning all of them cost 0.4 ms per connection."""
-        names = _SCANNED_NAMES.get(type(self))
+        """Only the names aiosmtpd scans in every new instance that it must see: the auth_*
+        mechanisms. Its smtp_* scan binds every command of every connection; `Verbs` binds
+        a command on its first use instead (`_commands`)."""
+        names = SCANNED_NAMES.get(type(self))
         if names is None:
-            # aiosmtpd's own smtp_* methods that a subclass method here replaces or that the
-            # verb fallback answers (VRFY, EXPN, HELP) are left out.
-            stock = {"smtp_VRFY", "smtp_EXPN", "smtp_HELP"}
-            names = [
-                n for n in super().__dir__() if n.startswith(("smtp_", "auth_")) and n not in stock
-            ]
-            _SCANNED_NAMES[type(self)] = names
+            names = [n for n in super().__dir__() if n.startswith("auth_")]
+            SCANNED_NAMES[type(self)] = names
         return list(names)
+
+    @classmethod
+    def _commands(cls) -> dict[str, Callable[..., Awaitable[None]]]:
+        """verb -> smtp_<VERB> function of this class, found once per class (VRFY, EXPN and
+        HELP, aiosmtpd's, are left to the verb fallback)."""
+        commands = COMMANDS.get(cls)
+        if commands is None:
+            stock = {"smtp_VRFY", "smtp_EXPN", "smtp_HELP"}
+            names = [n for n in dir(cls) if n.startswith("smtp_") and n not in stock]
+            commands = COMMANDS[cls] = {name[5:]: getattr(cls, name) for name in names}
+        return commands
 
     # -- session ---------------------------------------------------------------------------
 
@@ -286,20 +208,27 @@ class Listener(SMTP):
         super()._timeout_cb()
 
     async def handle_exception(self, error: Exception) -> str:
-        """A bug of ours: log it, answer 421 and end the session (never a traceback to the
-        client, never a half-done transaction). A client that closed mid-command is just gone.
+        """aiosmtpd's command loop failed: a client gone mid-command ends the session; a bug
+        of ours is logged and answered with 421, which ends it too (never a traceback to the
+        client, never a half-done transaction).
 
-        aiosmtpd's command loop calls this and goes round again; a reader at EOF raises again
-        at once without waiting, so the loop would spin without ever letting the event loop run
-        (seen once: a worker at 100% CPU that no longer stopped). Yielding here lets a pending
-        hang-up cancel the session and connection_lost end the loop.
+        The loop calls this and goes round again. A reader at EOF makes `readuntil()` raise
+        again at once, without waiting: if nothing here waited either, the loop would never
+        give control back to the event loop, so the cancellation that ends the session,
+        connection_lost and the signal handlers would never run (a worker was found at 100%
+        CPU, deaf to SIGTERM, after aiosmtpd's cancellation on EOF had been lost). So a
+        client that is gone is hung up on here and the cancellation awaited: the session
+        ends in this call, whatever state the reader is in.
         """
-        await asyncio.sleep(0)
-        if isinstance(error, asyncio.IncompleteReadError | ConnectionError):
+        self._spent = True  # a transaction may be open downstream: never pool it
+        if isinstance(error, asyncio.IncompleteReadError | ConnectionError) or (
+            self._reader.at_eof()
+        ):
             log.debug("client=%s gone: %r", self.peer, error)
-        else:
-            log.exception("client=%s internal error; closing the session", self.peer)
-        self._spent = True
+            self._hang_up()
+            await asyncio.sleep(0)  # _hang_up cancelled this task: the cancellation lands here
+            raise asyncio.CancelledError  # the cancellation did not land: end the loop anyway
+        log.exception("client=%s internal error; closing the session", self.peer)
         return "421 4.3.0 internal error, try again later"
 
     # -- replies ---------------------------------------------------------------------------
@@ -317,9 +246,11 @@ class Listener(SMTP):
             if self.transport is not None and not self.transport.is_closing():
                 self._writer.write(data)
 
-    async def push(self, status: AnyStr) -> None:
+    async def push(self, status: AnyStr | None) -> None:
         """Queue one reply; replies to pipelined commands go out in one write (RFC 2920, as
         Postfix does), and after `fairness_batch` of them the session lets the others run."""
+        if status is None:
+            return  # aiosmtpd's command loop after handle_exception ended the session
         data = status if isinstance(status, bytes) else status.encode("utf-8", "surrogateescape")
         if data[:1] == b"5":
             self._errors += 1
@@ -351,7 +282,7 @@ class Listener(SMTP):
         if transport is None or transport.is_closing():
             log.debug("client=%s gone", self.peer)
             self._hang_up()
-        elif transport.get_write_buffer_size() > _SCAN_CHUNK:  # type: ignore[attr-defined]
+        elif transport.get_write_buffer_size() > SCAN_CHUNK:  # type: ignore[attr-defined]
             # A client that does not read its replies is waited for, not buffered for.
             try:
                 await self._writer.drain()
@@ -612,7 +543,10 @@ class Listener(SMTP):
         self._timeout_duration = self.settings.data_timeout
         self._reset_timeout()
         try:
-            if not await self._receive(spool, self.settings.max_message_size):
+            kept, self._spool_error = await receive_message(
+                self._fill, self._reader, spool, self.settings.max_message_size
+            )
+            if not kept:
                 spool.close()
                 spool = None
         except ClientGone:
@@ -659,94 +593,8 @@ class Listener(SMTP):
     async def _fill(self) -> bytes:
         """What has arrived from the client (waiting for it if nothing has)."""
         self._flush()
-        chunk = await self._reader.read(_READ_ALL)
+        chunk = await self._reader.read(SCAN_CHUNK)
         if not chunk:
             raise ClientGone("connection closed in DATA")
         self._reset_timeout()
         return chunk
-
-    async def _receive(self, spool: Spool, max_size: int) -> bool:
-        """The message up to CRLF.CRLF into `spool`, a line-aligned piece at a time through
-        `data_piece`; False when it exceeded max_size (the rest is read and dropped).
-
-        Only CRLF.CRLF ends the data: a dot line after a bare LF is content (treating it as
-        the end is what SMTP smuggling exploits). Whatever the client pipelined after the
-        terminating dot goes back into the stream for the command loop.
-        """
-        buf = bytearray()
-        kept = True
-        after_crlf = True  # buf begins right after a CRLF (or at the start of DATA)
-        line_start = True  # ... or after a bare LF, which also starts a line
-        column = 0  # characters of the current (stored) line in earlier pieces
-        while True:
-            while len(buf) < 3:
-                buf += await self._fill()
-            if after_crlf and buf.startswith(b".\r\n"):
-                del buf[:3]
-                break
-            end = buf.find(b"\r\n.\r\n")
-            if end >= 0:
-                cut, consumed = end + 2, end + 5
-            else:
-                # Take whole lines only: a piece must end at a line end for unstuffing.
-                last = buf.rfind(b"\r\n")
-                if last < 0:
-                    if len(buf) < _SCAN_CHUNK:
-                        buf += await self._fill()
-                        continue
-                    # One very long line: split it anywhere but inside a run of CRs (they
-                    # may end in the LF that makes them one line end, see wire_line_ends).
-                    cut = len(buf) - 1
-                    while cut > 1 and buf[cut - 1] == 0x0D:
-                        cut -= 1
-                    consumed = cut
-                else:
-                    cut = consumed = last + 2
-            if kept:
-                # Lines over 998 characters: broken as Postfix's smtp client sends them on.
-                stored, column = break_long_lines(data_piece(bytes(buf[:cut]), line_start), column)
-                try:
-                    spool.write(stored)
-                except OSError as exc:  # the spool directory is full or unusable
-                    self._spool_error = exc
-                    spool.close()  # keep reading to the end, keep nothing
-                    kept = False
-                if max_size and len(spool) > max_size:
-                    spool.close()  # keep reading to the end, keep nothing
-                    kept = False
-            after_crlf = buf[cut - 2 : cut] == b"\r\n"
-            line_start = buf[cut - 1 : cut] == b"\n"
-            del buf[:consumed]
-            if end >= 0:
-                break
-            if not buf:
-                buf += await self._fill()
-        if buf and not self._reader.at_eof():
-            # Pipelined commands after the dot: nothing was awaited since the last read
-            # took the whole stream buffer, so they go back in order.
-            self._reader.feed_data(bytes(buf))
-        return kept
-
-
-class _NoHooks:
-    """The aiosmtpd "handler" of a Listener: it has no handle_* hooks (dir() is empty)."""
-
-    __slots__ = ()
-
-    def __dir__(self) -> list[str]:
-        return []
-
-
-_NO_HOOKS = _NoHooks()
-_SCANNED_NAMES: dict[type, list[str]] = {}
-
-
-class _SameLimit(dict[str, int]):
-    """aiosmtpd's per-verb command length limits, one value for every verb."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def __missing__(self, verb: str) -> int:
-        return self.limit
