@@ -1,0 +1,250 @@
+"""DomainKeys canonicalization (RFC 4870 section 3.4): which fields are hashed, simple and
+nofws, and the signing identity read from the hashed fields as Mail::DKIM reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from collections.abc import Iterable, Iterator
+from email.utils import getaddresses
+
+from dkproxy.mailauth.message import Message
+
+from .tags import DKSignature
+
+# --------------------------------------------------------------------------------------------
+# Canonicalization
+
+# Mail::DKIM's view of one header field line: the identity regex has no /s, so `.` stops at
+# the first LF and `$` only matches at the very end: a folded From/Sender never matches.
+_IDENTITY_LINE = re.compile(rb"(from|sender)\s*:(.*)$", re.IGNORECASE)
+_HLIST_NAME = re.compile(rb"([^\s:]+)\s*:")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_BARE_LF = re.compile(rb"([^\r])\n")
+_LEADING_CRLFS = re.compile(rb"(?:\r\n)+")
+_UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
+
+
+def _field_line(name: bytes, value: bytes) -> bytes:
+    return name + b":" + value
+
+
+def _select_fields(lines: list[bytes], h: tuple[str, ...] | None) -> list[bytes]:
+    """The fields hashed, in hash order (Mail::DKIM::Canonicalization::DkCommon).
+
+    Without h=, every field. With h=, fields are grouped by name and h= is walked backwards:
+    a name that occurs again earlier in h= takes the last remaining field of that name; its
+    first occurrence takes all remaining ones. Perl's `while (pop)` stops at an empty name.
+    """
+    if h is None:
+        return list(lines)
+    groups: dict[str, list[bytes]] = {}
+    for line in lines:
+        m = _HLIST_NAME.match(line)
+        if m:
+            groups.setdefault(m.group(1).decode("latin-1").lower(), []).append(line)
+    counts: dict[str, int] = {}
+    for name in h:
+        groups.setdefault(name, [])
+        counts[name] = counts.get(name, 0) + 1
+    selected: list[bytes] = []
+    for name in reversed(h):
+        if name in ("", "0"):
+            break
+        counts[name] -= 1
+        if counts[name] > 0:
+            if groups[name]:
+                selected.append(groups[name].pop())
+        else:
+            selected.extend(reversed(groups[name]))
+            groups[name] = []
+    selected.reverse()
+    return selected
+
+
+def _canon_header(line: bytes, method: str) -> bytes:
+    if line.endswith(b"\r\n"):
+        line = line[:-2]
+    if method == "nofws":
+        return line.translate(None, b" \t\r\n") + b"\r\n"
+    return line + b"\r\n"
+
+
+def _body_chunks(message: Message) -> Iterator[bytes]:
+    """The pieces Mail::DKIM's parser hands to the canonicalizer for a message PRINTed at once:
+    the separator line, the body up to its last CRLF, then the unterminated rest. The middle
+    piece comes as line-aligned chunks, so that a large body is never copied whole."""
+    if not message.has_separator:
+        return
+    yield b"\r\n"
+    previous: bytes | None = None
+    for chunk in message.body_chunks():
+        if previous is not None:
+            yield previous
+        previous = chunk
+    if previous is None:
+        return
+    last = previous.rfind(b"\r\n")
+    if last >= 0 and last + 2 < len(previous):
+        yield previous[: last + 2]
+        yield previous[last + 2 :]
+    else:
+        yield previous
+
+
+def _nofws_body(chunk: bytes) -> bytes:
+    """Delete spaces and tabs, then bare CRs, then bare LFs (in dk_nofws's order).
+
+    The regexes only run when counting shows a bare CR or LF: the common message has none,
+    and translate() + count() keep a 10 MB body well under 100 ms.
+    """
+    chunk = chunk.translate(None, b" \t")
+    crlf = chunk.count(b"\r\n")
+    if chunk.count(b"\r") != crlf:
+        chunk = _BARE_CR.sub(b"", chunk)
+        crlf = chunk.count(b"\r\n")
+    if chunk.count(b"\n") != crlf:
+        chunk = _BARE_LF.sub(rb"\1", chunk)
+    return chunk
+
+
+def _canon_body(chunks: Iterable[bytes], method: str) -> Iterator[bytes]:
+    """dk_simple / dk_nofws body canonicalization, chunk by chunk as in Mail::DKIM.
+
+    Empty lines are held back until a non-empty line follows, so trailing empty lines (and,
+    for an empty or blank-only body, the separator line itself) are never hashed. nofws also
+    deletes spaces, tabs, a CR not followed by LF and an LF not preceded by CR.
+    """
+    pending = 0
+    for chunk in chunks:
+        if method == "nofws":
+            chunk = _nofws_body(chunk)
+        m = _LEADING_CRLFS.match(chunk)
+        if m:
+            pending += (m.end() - m.start()) // 2
+            chunk = chunk[m.end() :]
+        if not chunk:
+            continue
+        if pending:
+            yield b"\r\n" * pending
+            pending = 0
+        trailing = 0
+        end = len(chunk)
+        while end >= 2 and chunk[end - 2 : end] == b"\r\n":
+            trailing += 1
+            end -= 2
+        if trailing > 1:
+            pending += trailing - 1
+            chunk = chunk[: len(chunk) - 2 * (trailing - 1)]
+        yield chunk
+
+
+def _hash_parts(
+    fields: list[bytes], h: tuple[str, ...] | None, method: str, message: Message
+) -> tuple[list[bytes], Iterator[bytes]]:
+    """(selected raw fields, iterator over every byte string that is hashed, in order)."""
+    selected = _select_fields(fields, h)
+
+    def parts() -> Iterator[bytes]:
+        for line in selected:
+            yield _canon_header(line, method)
+        yield from _canon_body(_body_chunks(message), method)
+
+    return selected, parts()
+
+
+def _fields_below(message: Message, sig_position: int) -> list[bytes]:
+    """Raw header fields below the signature at `sig_position` (-1: all fields)."""
+    if sig_position < -1 or sig_position >= len(message.headers):
+        raise IndexError(f"no header field at position {sig_position}")
+    return [_field_line(n, v) for n, v in message.headers[sig_position + 1 :]]
+
+
+def canonical_hash_input(message: Message, sig_position: int, sig: DKSignature) -> bytes:
+    """The exact bytes SHA-1 hashes for `sig` at index `sig_position` of `message.headers`.
+
+    `sig_position` -1 means the signature is not in the message yet (signing): every header
+    field counts. Useful for debugging interop; signing and verifying hash incrementally.
+    """
+    _selected, parts = _hash_parts(_fields_below(message, sig_position), sig.h, sig.c, message)
+    return b"".join(parts)
+
+
+def _digest(parts: Iterator[bytes]) -> bytes:
+    sha = hashlib.sha1(usedforsecurity=False)
+    for part in parts:
+        sha.update(part)
+    return sha.digest()
+
+
+# --------------------------------------------------------------------------------------------
+# Identity
+
+
+def _lc(text: str) -> str:
+    """Perl's lc without a locale: ASCII letters only."""
+    return text.encode("latin-1", "replace").lower().decode("latin-1")
+
+
+@functools.lru_cache(maxsize=1024)  # a pure function; the same From recurs in floods
+def _first_address(content: bytes) -> str | None:
+    """The first address of a field value, as Mail::Address->parse(...)[0]->address would."""
+    text = content.decode("latin-1").strip()
+    if not text:
+        return None
+    for _display, addr in getaddresses([text]):
+        if addr:
+            return addr
+    return None
+
+
+def _identity_of(fields: list[bytes]) -> tuple[str, str] | None:
+    """('sender'|'from', address) from the signed fields, as Mail::DKIM's dk_rsa_sha1 does:
+    the last unfolded Sender/From of each kind wins; Sender if it yields an address."""
+    seen: dict[str, bytes] = {}
+    for line in fields:
+        m = _IDENTITY_LINE.match(line)
+        if m:
+            seen[m.group(1).decode("ascii").lower()] = m.group(2)
+    for name in ("sender", "from"):
+        if name in seen:
+            address = _first_address(seen[name])
+            if address:
+                return name, address
+    return None
+
+
+def sender_identity(message: Message) -> tuple[str, str] | None:
+    """The identity Mail::DKIM would derive if every header field were signed.
+
+    Returns ('sender'|'from', address) or None. Only unfolded fields count: Mail::DKIM's
+    pattern for them stops at the first line end, so a folded From is invisible to it.
+    """
+    return _identity_of([_field_line(n, v) for n, v in message.headers])
+
+
+def _rfc_sender(headers: list[list[bytes]]) -> tuple[str, str] | None:
+    """The RFC 4870 sender of the given [name, value] fields (last Sender with an address,
+    else last From), read from the whole, unfolded value: what other verifiers and our key
+    choice use."""
+    for name in (b"sender", b"from"):
+        values = [value for field_name, value in headers if field_name.lower() == name]
+        if values:
+            unfolded = _UNFOLD.sub(b"", values[-1])
+            address = _first_address(unfolded)
+            if address:
+                return name.decode("ascii"), address
+    return None
+
+
+def _domain_of(address: str) -> str | None:
+    m = re.search(r"@([^@]*)$", address)
+    return m.group(1) if m else None
+
+
+def domain_matches(identity_domain: str, signing_domain: str) -> bool:
+    """Mail::DKIM's match_subdomain: equal to d= or a subdomain of it (ASCII case-insensitive)."""
+    sub = "." + identity_domain
+    return _lc(sub[-1 - len(signing_domain) :]) == _lc("." + signing_domain)

@@ -1,0 +1,161 @@
+"""DomainKeys signing (RFC 4870 section 3.5): the folded DomainKey-Signature field."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import re
+from collections.abc import Callable, Sequence
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+
+from dkproxy.mailauth.message import Message
+
+from .canon import (
+    _digest,
+    _domain_of,
+    _field_line,
+    _hash_parts,
+    _identity_of,
+    _rfc_sender,
+    domain_matches,
+)
+from .tags import (
+    CANONICALIZATIONS,
+    DEFAULT_SIGNED_HEADERS,
+    FIELD_NAME,
+    FOLD_COLUMN,
+    DomainKeysError,
+)
+
+# --------------------------------------------------------------------------------------------
+# Signing
+
+_BARE_LF_ANYWHERE = re.compile(rb"(?<!\r)\n")
+
+
+@functools.lru_cache(maxsize=64)
+def _header_matcher(patterns: tuple[str, ...]) -> Callable[[bytes], bool]:
+    """A test "is this field name signed?" for a configured list, built once per list."""
+    exact = frozenset(p.lower() for p in patterns)
+    prefixes = tuple(p.lower()[:-1] for p in patterns if p.endswith("*"))
+
+    @functools.lru_cache(maxsize=512)
+    def wanted(name: bytes) -> bool:
+        if b";" in name:  # cannot be listed in h= (it would end the tag)
+            return False
+        lname = name.decode("latin-1").lower()
+        return lname in exact or lname.startswith(prefixes)
+
+    return wanted
+
+
+@functools.lru_cache(maxsize=256)
+def _fold_start(fixed_tags: tuple[str, ...]) -> tuple[tuple[str, ...], str]:
+    """The folded lines (and the open last line) after the fixed tags, which depend on the
+    configuration only."""
+    lines: list[str] = []
+    line = FIELD_NAME + ":"
+    for tag in fixed_tags:
+        lines, line = _put(lines, line, tag + ";", " ")
+    return tuple(lines), line
+
+
+def _put(lines: list[str], line: str, token: str, sep: str) -> tuple[list[str], str]:
+    if len(line) + len(sep) + len(token) > FOLD_COLUMN and line.strip():
+        lines.append(line)
+        return lines, "\t" + token
+    return lines, line + sep + token
+
+
+def _fold(fixed_tags: tuple[str, ...], h_names: list[str], b64: str) -> bytes:
+    """Build the folded field: tags separated by '; ', lines broken before FOLD_COLUMN with
+    CRLF TAB; h= may break before a colon and b= anywhere (Mail::DKIM strips that FWS)."""
+    start, line = _fold_start(fixed_tags)
+    lines = list(start)
+    last = len(h_names) - 1
+    for i, name in enumerate(h_names):
+        token = ("h=" if i == 0 else ":") + name + (";" if i == last else "")
+        lines, line = _put(lines, line, token, " " if i == 0 else "")
+    lines, line = _put(lines, line, "b=", " ")
+    pos = 0
+    while pos < len(b64):
+        room = FOLD_COLUMN - len(line)
+        if room <= 0:
+            lines.append(line)
+            line = "\t"
+            room = FOLD_COLUMN - 1
+        line += b64[pos : pos + room]
+        pos += room
+    lines.append(line)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _check_tag_value(what: str, value: str) -> str:
+    if not value or re.search(r"[;\s=]", value) or not value.isascii():
+        raise ValueError(f"invalid DomainKeys {what}: {value!r}")
+    return value
+
+
+def sign(
+    message: Message,
+    *,
+    domain: str,
+    selector: str,
+    key: rsa.RSAPrivateKey,
+    canonicalization: str = "nofws",
+    headers: Sequence[str] | None = None,
+) -> bytes:
+    """Sign `message`; return the folded DomainKey-Signature field (CRLF-terminated) to put on
+    top of it.
+
+    h= always lists the signed fields' names in message order, once per occurrence, so that
+    fields added below the signature later (a DKIM-Signature, say) do not break it.
+    `headers` replaces DEFAULT_SIGNED_HEADERS (names; a trailing '*' makes a prefix).
+    Raises DomainKeysError when a verifier could not accept the signature: no sender, sender
+    outside `domain`, a sender field Mail::DKIM cannot read (folded), the Sender/From field
+    not signed, or a non-RSA key. Bad arguments raise ValueError.
+    """
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise DomainKeysError(f"key is not RSA ({type(key).__name__}); DomainKeys is rsa-sha1")
+    if canonicalization not in CANONICALIZATIONS:
+        raise ValueError(
+            f"DomainKeys canonicalization is nofws or simple, not {canonicalization!r}"
+        )
+    domain = _check_tag_value("domain", domain.strip().rstrip(".").lower())
+    selector = _check_tag_value("selector", selector.strip())
+    if _BARE_LF_ANYWHERE.search(message.data, 0, message.header_end):
+        raise DomainKeysError("bare LF in the header block: convert the message to CRLF first")
+
+    all_fields = [_field_line(n, v) for n, v in message.headers]
+    rfc_sender = _rfc_sender(message.headers)
+    if rfc_sender is None:
+        raise DomainKeysError("no sender: the message has no Sender or From address")
+    sender_domain = _domain_of(rfc_sender[1])
+    if sender_domain is None or not domain_matches(sender_domain, domain):
+        raise DomainKeysError(f"sender {rfc_sender[1]} is not in d={domain} or a subdomain of it")
+
+    wanted = _header_matcher(DEFAULT_SIGNED_HEADERS if headers is None else tuple(headers))
+    signed = [(n, v) for n, v in message.headers if wanted(n)]
+    signed_names = {n.lower() for n, _v in signed}
+    for name, label in ((b"sender", "Sender"), (b"from", "From")):
+        present = any(n.lower() == name for n, _v in message.headers)
+        if present and name not in signed_names:
+            raise DomainKeysError(f"the {label} header field is present but not signed")
+    h_names = [n.decode("latin-1").lower() for n, _v in signed]
+    h = tuple(h_names) if h_names else None
+    selected, parts = _hash_parts(all_fields, h, canonicalization, message)
+
+    if any(n.lower() == b"sender" for n, _v in signed) and rfc_sender[0] != "sender":
+        raise DomainKeysError("the Sender header field has no address")
+    identity = _identity_of(selected)
+    if identity is None or identity[1].lower() != rfc_sender[1].lower():
+        raise DomainKeysError(
+            f"bad identity: Mail::DKIM would not read {rfc_sender[1]} from the "
+            f"{rfc_sender[0]} field (it ignores folded Sender/From fields)"
+        )
+    digest = _digest(parts)
+    signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA1()))
+    fixed = ("a=rsa-sha1", f"c={canonicalization}", f"d={domain}", f"s={selector}", "q=dns")
+    return _fold(fixed, h_names, base64.b64encode(signature).decode("ascii"))
