@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
-from dkproxy.mailauth.dkim_canon import MessageHashes
+from dkproxy.mailauth.dkim_canon import MessageHashes, relaxed_body_lines
 from dkproxy.mailauth.keys import SigningKey
 from dkproxy.mailauth.message import BODY_CHUNK, Message
 
@@ -41,8 +41,9 @@ NEVER_SIGNED = frozenset({b"return-path", b"received", b"comments", b"keywords",
                           b"dkim-signature", b"domainkey-signature"})  # fmt: skip
 
 ALGORITHMS = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
-_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
-_WSP_RUN = re.compile(rb"[\t ]+")
+#: Stand-ins for the values that change with every message (t=, x=, bh=) in a folded
+#: template: characters no tag value or header field name can contain.
+_SLOT = re.compile("[\x00-\x02]+")
 _B64_FOLD = 72
 
 
@@ -116,7 +117,7 @@ def body_hash(message: Message, relaxed: bool, chunk_size: int = BODY_CHUNK) -> 
     seen_content = False
     for chunk in message.body_chunks(chunk_size):
         if relaxed:
-            chunk = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"\r\n", chunk))
+            chunk = relaxed_body_lines(chunk)
         end = len(chunk)
         while chunk.endswith(b"\r\n", 0, end):
             end -= 2
@@ -145,7 +146,7 @@ def _wanted_names(headers: tuple[str, ...] | None) -> frozenset[bytes]:
 def header_list(message: Message, params: DKIMParams) -> list[bytes]:
     """The h= list: each wanted field once per occurrence, plus one more for oversigned ones."""
     wanted = _wanted_names(params.headers)
-    names = [lname for name, _ in message.headers if (lname := name.lower()) in wanted]
+    names = [lname for lname in message.index.lower if lname in wanted]
     if b"from" not in names:
         raise DKIMSignError("message has no From header field (RFC 6376 requires signing it)")
     names.extend(name.encode("ascii") for name in params.oversign)
@@ -197,6 +198,25 @@ def _fixed_part(
     return policy, _fold_more(start, [(" ", tag) for tag in tags])
 
 
+@functools.lru_cache(maxsize=1024)
+def _value_template(
+    fixed: _FoldState, t_len: int, x_len: int | None, include: tuple[bytes, ...], bh_len: int
+) -> tuple[str, ...]:
+    """The folded signature value up to "b=", cut where t=, x= (when `x_len` is not None)
+    and bh= go: folding depends on the lengths of those values only, and the h= list, the
+    tags before it and those lengths are the same on a sender's every message."""
+    tokens = [(" ", "t=" + "\x00" * t_len + ";")]
+    if x_len is not None:
+        tokens.append((" ", "x=" + "\x01" * x_len + ";"))
+    names = [name.decode("ascii") for name in include]
+    tokens.append((" ", f"h={names[0]}"))
+    tokens += [("", f":{name}") for name in names[1:]]
+    tokens += [("", ";"), (" ", "bh=" + "\x02" * bh_len + ";")]
+    # b= goes on a line of its own, so the hashed form ("...; b=") is a prefix of the result.
+    folded = " " + _folded(_fold_more(fixed, tokens)).decode("ascii") + "\r\n\tb="
+    return tuple(_SLOT.split(folded))
+
+
 def sign(
     message: Message,
     params: DKIMParams,
@@ -213,15 +233,16 @@ def sign(
     include = header_list(message, params)
     timestamp = int(time.time()) if now is None else now
 
-    tokens = [(" ", f"t={timestamp};")]
+    slots = [str(timestamp)]
     if params.expire_seconds:
-        tokens.append((" ", f"x={timestamp + params.expire_seconds};"))
-    names = [name.decode("ascii") for name in include]
-    tokens.append((" ", f"h={names[0]}"))
-    tokens += [("", f":{name}") for name in names[1:]]
-    tokens += [("", ";"), (" ", f"bh={body_hash};")]
-    # b= goes on a line of its own, so the hashed form ("...; b=") is a prefix of the result.
-    unsigned_value = b" " + _folded(_fold_more(fixed, tokens)) + b"\r\n\tb="
+        slots.append(str(timestamp + params.expire_seconds))
+    slots.append(body_hash)
+    x_len = len(slots[1]) if params.expire_seconds else None
+    template = _value_template(fixed, len(slots[0]), x_len, tuple(include), len(body_hash))
+    pieces = [template[0]]
+    for value, piece in zip(slots, template[1:], strict=True):
+        pieces += (value, piece)
+    unsigned_value = "".join(pieces).encode("ascii")
 
     hasher = hashlib.sha256()
     # dkim.hash_headers' work (dkimpy's selection and canonicalization), with each field

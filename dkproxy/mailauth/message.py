@@ -31,6 +31,48 @@ class MessageFormatError(ValueError):
     """The header block cannot be parsed into fields; signing is not possible."""
 
 
+class HeaderIndex:
+    """The header block's field names, lower-cased once per message, and where each occurs.
+
+    `lower` is each field's name lower-cased as found (trailing white space of the obsolete
+    "Name :" syntax kept): what dkimpy's simple header selection compares. `keys` is the
+    name lower-cased without that white space (RFC 6376 3.4.2; RFC 5322 4.5): what relaxed
+    selection, DomainKeys and lookups by name compare. It is the same list as `lower` when
+    no name carries such white space, as in almost every message. `positions` maps a key to
+    the indexes of its fields, top first, so that picking the bottom-most unused instance
+    of a name (RFC 6376 5.4.2) is a list access rather than a scan of the header block.
+    """
+
+    __slots__ = ("_lower_positions", "keys", "lower", "positions")
+
+    def __init__(self, headers: list[list[bytes]]) -> None:
+        self.lower = [name.lower() for name, _value in headers]
+        if any(name[-1:] in (b" ", b"\t") for name in self.lower):
+            self.keys = [name.rstrip(b" \t") for name in self.lower]
+        else:
+            self.keys = self.lower
+        positions: dict[bytes, list[int]] = {}
+        for index, key in enumerate(self.keys):
+            found = positions.get(key)
+            if found is None:
+                positions[key] = [index]
+            else:
+                found.append(index)
+        self.positions = positions
+        self._lower_positions: dict[bytes, list[int]] | None = (
+            positions if self.keys is self.lower else None
+        )
+
+    def lower_positions(self) -> dict[bytes, list[int]]:
+        """`positions` by the names in `lower` (white space before the colon kept)."""
+        if self._lower_positions is None:
+            found: dict[bytes, list[int]] = {}
+            for index, name in enumerate(self.lower):
+                found.setdefault(name, []).append(index)
+            self._lower_positions = found
+        return self._lower_positions
+
+
 class Message:
     """An RFC 5322 message in wire form (CRLF line ends, dot-stuffing already undone).
 
@@ -39,7 +81,15 @@ class Message:
     handed to dkimpy's canonicalization unchanged.
     """
 
-    __slots__ = ("_body_bytes", "_fields", "body_offset", "data", "header_end", "headers")
+    __slots__ = (
+        "_body_bytes",
+        "_fields",
+        "_index",
+        "body_offset",
+        "data",
+        "header_end",
+        "headers",
+    )
 
     def __init__(self, data: Buffer) -> None:
         self.data = data
@@ -47,6 +97,7 @@ class Message:
         self._body_bytes: bytes | None = None
         #: Field values by lower-case name, unfolded and stripped; made on first lookup.
         self._fields: dict[bytes, list[bytes]] | None = None
+        self._index: HeaderIndex | None = None
         self.header_end, self.body_offset = _find_header_end(data)
         self._parse_headers(bytes(data[: self.header_end]))
 
@@ -71,6 +122,18 @@ class Message:
                 shown = line[:60].decode("ascii", "replace")
                 raise MessageFormatError(f"malformed header line {index + 1}: {shown!r}")
             self.headers.append([name, line[colon + 1 :] + b"\r\n"])
+
+    @property
+    def index(self) -> HeaderIndex:
+        """The names of `headers` lower-cased and indexed, made on first use (see HeaderIndex).
+
+        Every signer and verifier of the message shares it; `headers` must not change after
+        the first use (the proxy only ever prepends fields to the bytes it sends on).
+        """
+        index = self._index
+        if index is None:
+            index = self._index = HeaderIndex(self.headers)
+        return index
 
     @property
     def body(self) -> memoryview:
@@ -120,8 +183,7 @@ class Message:
             # One pass over the header block serves every lookup of the message (sender,
             # author, list id, message id ...), instead of one pass per lookup.
             fields = self._fields = {}
-            for field_name, value in self.headers:
-                key = field_name.rstrip(b" \t").lower()
+            for key, (_name, value) in zip(self.index.keys, self.headers, strict=True):
                 unfolded = (
                     _UNFOLD.sub(b"", value).strip()
                     if b"\n " in value or b"\n\t" in value
