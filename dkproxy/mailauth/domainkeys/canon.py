@@ -20,36 +20,33 @@ from .tags import DKSignature
 # Mail::DKIM's view of one header field line: the identity regex has no /s, so `.` stops at
 # the first LF and `$` only matches at the very end: a folded From/Sender never matches.
 _IDENTITY_LINE = re.compile(rb"(from|sender)\s*:(.*)$", re.IGNORECASE)
-_HLIST_NAME = re.compile(rb"([^\s:]+)\s*:")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"([^\r])\n")
 _LEADING_CRLFS = re.compile(rb"(?:\r\n)+")
 _UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
-def _field_line(name: bytes, value: bytes) -> bytes:
-    return name + b":" + value
+def _select_positions(message: Message, start: int, h: tuple[str, ...] | None) -> list[int]:
+    """Indexes into `message.headers` of the fields hashed, in hash order
+    (Mail::DKIM::Canonicalization::DkCommon); only fields from index `start` on count.
 
-
-def _select_fields(lines: list[bytes], h: tuple[str, ...] | None) -> list[bytes]:
-    """The fields hashed, in hash order (Mail::DKIM::Canonicalization::DkCommon).
-
-    Without h=, every field. With h=, fields are grouped by name and h= is walked backwards:
-    a name that occurs again earlier in h= takes the last remaining field of that name; its
-    first occurrence takes all remaining ones. Perl's `while (pop)` stops at an empty name.
+    Without h=, every field. With h=, fields are grouped by name (lower-cased, without white
+    space before the colon: `Message.index`) and h= is walked backwards: a name that occurs
+    again earlier in h= takes the last remaining field of that name; its first occurrence
+    takes all remaining ones. Perl's `while (pop)` stops at an empty name.
     """
     if h is None:
-        return list(lines)
-    groups: dict[str, list[bytes]] = {}
-    for line in lines:
-        m = _HLIST_NAME.match(line)
-        if m:
-            groups.setdefault(m.group(1).decode("latin-1").lower(), []).append(line)
+        return list(range(start, len(message.headers)))
+    positions = message.index.positions
+    groups: dict[str, list[int]] = {}
     counts: dict[str, int] = {}
     for name in h:
-        groups.setdefault(name, [])
+        if name not in groups:
+            # h= was read as Latin-1 and lower-cased: it encodes back; field names are ASCII.
+            found = positions.get(name.encode("latin-1"), ())
+            groups[name] = [p for p in found if p >= start] if start else list(found)
         counts[name] = counts.get(name, 0) + 1
-    selected: list[bytes] = []
+    selected: list[int] = []
     for name in reversed(h):
         if name in ("", "0"):
             break
@@ -141,25 +138,16 @@ def _canon_body(chunks: Iterable[bytes], method: str) -> Iterator[bytes]:
         yield chunk
 
 
-def _hash_parts(
-    fields: list[bytes], h: tuple[str, ...] | None, method: str, message: Message
-) -> tuple[list[bytes], Iterator[bytes]]:
-    """(selected raw fields, iterator over every byte string that is hashed, in order)."""
-    selected = _select_fields(fields, h)
-
-    def parts() -> Iterator[bytes]:
-        for line in selected:
-            yield _canon_header(line, method)
-        yield from _canon_body(_body_chunks(message), method)
-
-    return selected, parts()
+def _hash_parts(message: Message, selected: list[int], method: str) -> Iterator[bytes]:
+    """Every byte string that is hashed, in order: the fields at `selected`, then the body."""
+    headers = message.headers
+    yield b"".join([_canon_header(headers[i][0] + b":" + headers[i][1], method) for i in selected])
+    yield from _canon_body(_body_chunks(message), method)
 
 
-def _fields_below(message: Message, sig_position: int) -> list[bytes]:
-    """Raw header fields below the signature at `sig_position` (-1: all fields)."""
+def _check_position(message: Message, sig_position: int) -> None:
     if sig_position < -1 or sig_position >= len(message.headers):
         raise IndexError(f"no header field at position {sig_position}")
-    return [_field_line(n, v) for n, v in message.headers[sig_position + 1 :]]
 
 
 def canonical_hash_input(message: Message, sig_position: int, sig: DKSignature) -> bytes:
@@ -168,8 +156,9 @@ def canonical_hash_input(message: Message, sig_position: int, sig: DKSignature) 
     `sig_position` -1 means the signature is not in the message yet (signing): every header
     field counts. Useful for debugging interop; signing and verifying hash incrementally.
     """
-    _selected, parts = _hash_parts(_fields_below(message, sig_position), sig.h, sig.c, message)
-    return b"".join(parts)
+    _check_position(message, sig_position)
+    selected = _select_positions(message, sig_position + 1, sig.h)
+    return b"".join(_hash_parts(message, selected, sig.c))
 
 
 def _digest(parts: Iterator[bytes]) -> bytes:
@@ -200,14 +189,18 @@ def _first_address(content: bytes) -> str | None:
     return None
 
 
-def _identity_of(fields: list[bytes]) -> tuple[str, str] | None:
-    """('sender'|'from', address) from the signed fields, as Mail::DKIM's dk_rsa_sha1 does:
-    the last unfolded Sender/From of each kind wins; Sender if it yields an address."""
+def _identity_of(message: Message, selected: Iterable[int]) -> tuple[str, str] | None:
+    """('sender'|'from', address) from the signed fields at `selected`, as Mail::DKIM's
+    dk_rsa_sha1 does: the last unfolded Sender/From of each kind wins; Sender if it yields
+    an address."""
     seen: dict[str, bytes] = {}
-    for line in fields:
-        m = _IDENTITY_LINE.match(line)
-        if m:
-            seen[m.group(1).decode("ascii").lower()] = m.group(2)
+    keys = message.index.keys
+    headers = message.headers
+    for i in selected:
+        if keys[i] in (b"from", b"sender"):  # the only names _IDENTITY_LINE can match
+            m = _IDENTITY_LINE.match(headers[i][0] + b":" + headers[i][1])
+            if m:
+                seen[m.group(1).decode("ascii").lower()] = m.group(2)
     for name in ("sender", "from"):
         if name in seen:
             address = _first_address(seen[name])
@@ -222,17 +215,18 @@ def sender_identity(message: Message) -> tuple[str, str] | None:
     Returns ('sender'|'from', address) or None. Only unfolded fields count: Mail::DKIM's
     pattern for them stops at the first line end, so a folded From is invisible to it.
     """
-    return _identity_of([_field_line(n, v) for n, v in message.headers])
+    return _identity_of(message, range(len(message.headers)))
 
 
-def _rfc_sender(headers: list[list[bytes]]) -> tuple[str, str] | None:
-    """The RFC 4870 sender of the given [name, value] fields (last Sender with an address,
-    else last From), read from the whole, unfolded value: what other verifiers and our key
-    choice use."""
+def _rfc_sender(message: Message) -> tuple[str, str] | None:
+    """The RFC 4870 sender of the message (last Sender with an address, else last From),
+    read from the whole, unfolded value: what other verifiers and our key choice use. A
+    field written "From :" does not count (the name is compared as found)."""
+    positions = message.index.lower_positions()
     for name in (b"sender", b"from"):
-        values = [value for field_name, value in headers if field_name.lower() == name]
-        if values:
-            unfolded = _UNFOLD.sub(b"", values[-1])
+        found = positions.get(name)
+        if found:
+            unfolded = _UNFOLD.sub(b"", message.headers[found[-1]][1])
             address = _first_address(unfolded)
             if address:
                 return name.decode("ascii"), address

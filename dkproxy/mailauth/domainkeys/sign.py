@@ -15,10 +15,10 @@ from dkproxy.mailauth.message import Message
 from .canon import (
     _digest,
     _domain_of,
-    _field_line,
     _hash_parts,
     _identity_of,
     _rfc_sender,
+    _select_positions,
     domain_matches,
 )
 from .tags import (
@@ -69,9 +69,12 @@ def _put(lines: list[str], line: str, token: str, sep: str) -> tuple[list[str], 
     return lines, line + sep + token
 
 
-def _fold(fixed_tags: tuple[str, ...], h_names: list[str], b64: str) -> bytes:
-    """Build the folded field: tags separated by '; ', lines broken before FOLD_COLUMN with
-    CRLF TAB; h= may break before a colon and b= anywhere (Mail::DKIM strips that FWS)."""
+@functools.lru_cache(maxsize=1024)
+def _fold_before_b64(
+    fixed_tags: tuple[str, ...], h_names: tuple[str, ...]
+) -> tuple[tuple[str, ...], str]:
+    """The folded lines up to and including "b=" (and the open last line): they depend on
+    the configuration and the signed fields' names only, the same on most messages."""
     start, line = _fold_start(fixed_tags)
     lines = list(start)
     last = len(h_names) - 1
@@ -79,6 +82,14 @@ def _fold(fixed_tags: tuple[str, ...], h_names: list[str], b64: str) -> bytes:
         token = ("h=" if i == 0 else ":") + name + (";" if i == last else "")
         lines, line = _put(lines, line, token, " " if i == 0 else "")
     lines, line = _put(lines, line, "b=", " ")
+    return tuple(lines), line
+
+
+def _fold(fixed_tags: tuple[str, ...], h_names: tuple[str, ...], b64: str) -> bytes:
+    """Build the folded field: tags separated by '; ', lines broken before FOLD_COLUMN with
+    CRLF TAB; h= may break before a colon and b= anywhere (Mail::DKIM strips that FWS)."""
+    done, line = _fold_before_b64(fixed_tags, h_names)
+    lines = list(done)
     pos = 0
     while pos < len(b64):
         room = FOLD_COLUMN - len(line)
@@ -96,6 +107,18 @@ def _check_tag_value(what: str, value: str) -> str:
     if not value or re.search(r"[;\s=]", value) or not value.isascii():
         raise ValueError(f"invalid DomainKeys {what}: {value!r}")
     return value
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_tags(domain: str, selector: str, canonicalization: str) -> tuple[str, ...]:
+    """The tags before h=, checked once per configuration; raises ValueError."""
+    if canonicalization not in CANONICALIZATIONS:
+        raise ValueError(
+            f"DomainKeys canonicalization is nofws or simple, not {canonicalization!r}"
+        )
+    domain = _check_tag_value("domain", domain.strip().rstrip(".").lower())
+    selector = _check_tag_value("selector", selector.strip())
+    return ("a=rsa-sha1", f"c={canonicalization}", f"d={domain}", f"s={selector}", "q=dns")
 
 
 def sign(
@@ -119,17 +142,12 @@ def sign(
     """
     if not isinstance(key, rsa.RSAPrivateKey):
         raise DomainKeysError(f"key is not RSA ({type(key).__name__}); DomainKeys is rsa-sha1")
-    if canonicalization not in CANONICALIZATIONS:
-        raise ValueError(
-            f"DomainKeys canonicalization is nofws or simple, not {canonicalization!r}"
-        )
-    domain = _check_tag_value("domain", domain.strip().rstrip(".").lower())
-    selector = _check_tag_value("selector", selector.strip())
+    fixed = _fixed_tags(domain, selector, canonicalization)
+    domain = fixed[2][2:]
     if _BARE_LF_ANYWHERE.search(message.data, 0, message.header_end):
         raise DomainKeysError("bare LF in the header block: convert the message to CRLF first")
 
-    all_fields = [_field_line(n, v) for n, v in message.headers]
-    rfc_sender = _rfc_sender(message.headers)
+    rfc_sender = _rfc_sender(message)
     if rfc_sender is None:
         raise DomainKeysError("no sender: the message has no Sender or From address")
     sender_domain = _domain_of(rfc_sender[1])
@@ -137,25 +155,24 @@ def sign(
         raise DomainKeysError(f"sender {rfc_sender[1]} is not in d={domain} or a subdomain of it")
 
     wanted = _header_matcher(DEFAULT_SIGNED_HEADERS if headers is None else tuple(headers))
-    signed = [(n, v) for n, v in message.headers if wanted(n)]
-    signed_names = {n.lower() for n, _v in signed}
+    names = message.index.lower  # as found, lower-cased: what h= lists
+    signed = [i for i, name in enumerate(names) if wanted(name)]
+    signed_names = {names[i] for i in signed}
+    present = message.index.lower_positions()
     for name, label in ((b"sender", "Sender"), (b"from", "From")):
-        present = any(n.lower() == name for n, _v in message.headers)
-        if present and name not in signed_names:
+        if name in present and name not in signed_names:
             raise DomainKeysError(f"the {label} header field is present but not signed")
-    h_names = [n.decode("latin-1").lower() for n, _v in signed]
-    h = tuple(h_names) if h_names else None
-    selected, parts = _hash_parts(all_fields, h, canonicalization, message)
+    h_names = tuple(names[i].decode("latin-1") for i in signed)
+    selected = _select_positions(message, 0, h_names or None)
 
-    if any(n.lower() == b"sender" for n, _v in signed) and rfc_sender[0] != "sender":
+    if b"sender" in signed_names and rfc_sender[0] != "sender":
         raise DomainKeysError("the Sender header field has no address")
-    identity = _identity_of(selected)
+    identity = _identity_of(message, selected)
     if identity is None or identity[1].lower() != rfc_sender[1].lower():
         raise DomainKeysError(
             f"bad identity: Mail::DKIM would not read {rfc_sender[1]} from the "
             f"{rfc_sender[0]} field (it ignores folded Sender/From fields)"
         )
-    digest = _digest(parts)
+    digest = _digest(_hash_parts(message, selected, canonicalization))
     signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA1()))
-    fixed = ("a=rsa-sha1", f"c={canonicalization}", f"d={domain}", f"s={selector}", "q=dns")
     return _fold(fixed, h_names, base64.b64encode(signature).decode("ascii"))

@@ -151,5 +151,4 @@ def parse_signature(value: bytes) -> DKSignature:
 
 def signature_positions(message: Message) -> list[int]:
     """Indexes into `message.headers` of every DomainKey-Signature field, top first."""
-    wanted = FIELD_NAME.lower().encode("ascii")
-    return [i for i, (name, _value) in enumerate(message.headers) if name.lower() == wanted]
+    return list(message.index.lower_positions().get(b"domainkey-signature", ()))

@@ -20,10 +20,10 @@ from dkproxy.mailauth.message import Message
 from .canon import (
     _digest,
     _domain_of,
-    _fields_below,
     _hash_parts,
     _identity_of,
     _lc,
+    _select_positions,
     domain_matches,
 )
 from .tags import (
@@ -192,9 +192,8 @@ def verify_with_key(
     """
     if sig_position not in signature_positions(message):
         raise ValueError(f"header field {sig_position} is not a {FIELD_NAME}")
-    fields = _fields_below(message, sig_position)
-    selected, parts = _hash_parts(fields, sig.h, sig.c, message)
-    identity = _identity_of(selected)
+    selected = _select_positions(message, sig_position + 1, sig.h)
+    identity = _identity_of(message, selected)
     header: Literal["from", "sender"] | None = None
     address: str | None = None
     if identity is not None:
@@ -216,7 +215,7 @@ def verify_with_key(
         return result(problem.result, problem.status, problem.detail, problem.code)
     testing = "y" in (pub.tags.get("t") or "").split(":")
     note = " (key in testing mode, t=y)" if testing else ""
-    digest = _digest(parts)
+    digest = _digest(_hash_parts(message, selected, sig.c))
     try:
         recovered = pub.key.recover_data_from_signature(sig.b, padding.PKCS1v15(), None)
     except (InvalidSignature, ValueError):
