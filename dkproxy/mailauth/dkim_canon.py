@@ -16,7 +16,7 @@ here with dkimpy's on generated awkward input.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dkim.canonicalization import CanonicalizationPolicy, Relaxed
@@ -134,7 +134,7 @@ class MessageHashes:
         self._bodies: dict[bytes, bytes] = {}
         self._digests: dict[tuple[bytes, str, int | None], bytes] = {}
 
-    def _canonical(self, policy: CanonicalizationPolicy, indexes: list[int]) -> list[bytes]:
+    def _canonical(self, policy: CanonicalizationPolicy, indexes: Sequence[int]) -> list[bytes]:
         """The fields at `indexes` as hashed (`name:value`), each canonicalized once.
 
         dkimpy knows two header canonicalizations, simple and relaxed; a policy it parsed is
@@ -154,6 +154,10 @@ class MessageHashes:
                 line = done[i] = relaxed_field(name, value) if relaxed else name + b":" + value
             lines.append(line)
         return lines
+
+    def selected_input(self, policy: CanonicalizationPolicy, selected: Sequence[int]) -> bytes:
+        """The fields at `selected` (indexes into `headers`, in hash order) as hashed."""
+        return b"".join(self._canonical(policy, selected))
 
     def header_hash_input(
         self,

@@ -83,7 +83,6 @@ class Message:
 
     __slots__ = (
         "_body_bytes",
-        "_fields",
         "_index",
         "body_offset",
         "data",
@@ -95,8 +94,6 @@ class Message:
         self.data = data
         self.headers: list[list[bytes]] = []
         self._body_bytes: bytes | None = None
-        #: Field values by lower-case name, unfolded and stripped; made on first lookup.
-        self._fields: dict[bytes, list[bytes]] | None = None
         self._index: HeaderIndex | None = None
         self.header_end, self.body_offset = _find_header_end(data)
         self._parse_headers(bytes(data[: self.header_end]))
@@ -178,19 +175,19 @@ class Message:
 
     def get_all(self, name: str) -> list[bytes]:
         """Values of every field called `name` (case-insensitive), unfolded and stripped."""
-        fields = self._fields
-        if fields is None:
-            # One pass over the header block serves every lookup of the message (sender,
-            # author, list id, message id ...), instead of one pass per lookup.
-            fields = self._fields = {}
-            for key, (_name, value) in zip(self.index.keys, self.headers, strict=True):
-                unfolded = (
-                    _UNFOLD.sub(b"", value).strip()
-                    if b"\n " in value or b"\n\t" in value
-                    else value.strip()
-                )
-                fields.setdefault(key, []).append(unfolded)
-        return list(fields.get(name.lower().encode("ascii"), ()))
+        # The header index serves every lookup of the message (sender, author, list id,
+        # message id ...) without a pass over the header block per lookup.
+        found = self.index.positions.get(name.lower().encode("ascii"))
+        if not found:
+            return []
+        headers = self.headers
+        values = []
+        for i in found:
+            value = headers[i][1]
+            if b"\n " in value or b"\n\t" in value:
+                value = _UNFOLD.sub(b"", value)
+            values.append(value.strip())
+        return values
 
     def get_last(self, name: str) -> str | None:
         """The last occurrence wins, as in Mail::DKIM and DKIMproxy."""

@@ -24,6 +24,7 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 _BARE_LF = re.compile(rb"([^\r])\n")
 _LEADING_CRLFS = re.compile(rb"(?:\r\n)+")
 _UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
+_FOLD = re.compile(rb"\r\n(?=[ \t])")
 
 
 def _select_positions(message: Message, start: int, h: tuple[str, ...] | None) -> list[int]:
@@ -35,9 +36,16 @@ def _select_positions(message: Message, start: int, h: tuple[str, ...] | None) -
     again earlier in h= takes the last remaining field of that name; its first occurrence
     takes all remaining ones. Perl's `while (pop)` stops at an empty name.
     """
+    return select_from(message.index.positions, start, len(message.headers), h)
+
+
+def select_from(
+    positions: dict[bytes, list[int]], start: int, count: int, h: tuple[str, ...] | None
+) -> list[int]:
+    """`_select_positions` on a header block of `count` fields whose indexes by name
+    (lower-cased, without white space before the colon) are `positions`."""
     if h is None:
-        return list(range(start, len(message.headers)))
-    positions = message.index.positions
+        return list(range(start, count))
     groups: dict[str, list[int]] = {}
     counts: dict[str, int] = {}
     for name in h:
@@ -141,7 +149,18 @@ def _canon_body(chunks: Iterable[bytes], method: str) -> Iterator[bytes]:
 def _hash_parts(message: Message, selected: list[int], method: str) -> Iterator[bytes]:
     """Every byte string that is hashed, in order: the fields at `selected`, then the body."""
     headers = message.headers
-    yield b"".join([_canon_header(headers[i][0] + b":" + headers[i][1], method) for i in selected])
+    block = b"".join([headers[i][0] + b":" + headers[i][1] for i in selected])
+    crlf = block.count(b"\r\n")
+    if block.count(b"\r") == crlf and block.count(b"\n") == crlf:
+        # Every field ends in CRLF and has no bare CR or LF: a CRLF followed by white space
+        # is a fold, any other ends a field; so the block can be canonicalized in one go.
+        if method == "nofws":
+            block = _FOLD.sub(b"", block).translate(None, b" \t")
+        yield block
+    else:
+        yield b"".join(
+            [_canon_header(headers[i][0] + b":" + headers[i][1], method) for i in selected]
+        )
     yield from _canon_body(_body_chunks(message), method)
 
 

@@ -6,6 +6,7 @@ import base64
 import functools
 import re
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
@@ -18,8 +19,8 @@ from .canon import (
     _hash_parts,
     _identity_of,
     _rfc_sender,
-    _select_positions,
     domain_matches,
+    select_from,
 )
 from .tags import (
     CANONICALIZATIONS,
@@ -49,6 +50,39 @@ def _header_matcher(patterns: tuple[str, ...]) -> Callable[[bytes], bool]:
         return lname in exact or lname.startswith(prefixes)
 
     return wanted
+
+
+class _Plan(NamedTuple):
+    """What a DomainKeys signature of a header block takes from its field names alone."""
+
+    #: The h= list: the signed fields' names as found, lower-cased, in message order.
+    h_names: tuple[str, ...]
+    #: The fields hashed (indexes into the header block), in hash order.
+    selected: tuple[int, ...]
+    #: "Sender" or "From" when such a field is present but not signed.
+    unsigned_sender: str | None
+    #: Whether a Sender field is signed.
+    signs_sender: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(names: tuple[bytes, ...], patterns: tuple[str, ...]) -> _Plan:
+    """The `_Plan` for a header block whose field names, lower-cased as found, are `names`,
+    under the configured signed-header `patterns`: the same for most of a sender's mail."""
+    wanted = _header_matcher(patterns)
+    signed = [i for i, name in enumerate(names) if wanted(name)]
+    signed_names = {names[i] for i in signed}
+    unsigned_sender = None
+    for name, label in ((b"sender", "Sender"), (b"from", "From")):
+        if name in names and name not in signed_names:
+            unsigned_sender = label
+            break
+    h_names = tuple(names[i].decode("latin-1") for i in signed)
+    positions: dict[bytes, list[int]] = {}
+    for i, name in enumerate(names):
+        positions.setdefault(name.rstrip(b" \t"), []).append(i)
+    selected = select_from(positions, 0, len(names), h_names or None)
+    return _Plan(h_names, tuple(selected), unsigned_sender, b"sender" in signed_names)
 
 
 @functools.lru_cache(maxsize=256)
@@ -154,18 +188,15 @@ def sign(
     if sender_domain is None or not domain_matches(sender_domain, domain):
         raise DomainKeysError(f"sender {rfc_sender[1]} is not in d={domain} or a subdomain of it")
 
-    wanted = _header_matcher(DEFAULT_SIGNED_HEADERS if headers is None else tuple(headers))
-    names = message.index.lower  # as found, lower-cased: what h= lists
-    signed = [i for i, name in enumerate(names) if wanted(name)]
-    signed_names = {names[i] for i in signed}
-    present = message.index.lower_positions()
-    for name, label in ((b"sender", "Sender"), (b"from", "From")):
-        if name in present and name not in signed_names:
-            raise DomainKeysError(f"the {label} header field is present but not signed")
-    h_names = tuple(names[i].decode("latin-1") for i in signed)
-    selected = _select_positions(message, 0, h_names or None)
+    plan = _plan(
+        tuple(message.index.lower), DEFAULT_SIGNED_HEADERS if headers is None else tuple(headers)
+    )
+    if plan.unsigned_sender is not None:
+        raise DomainKeysError(f"the {plan.unsigned_sender} header field is present but not signed")
+    h_names = plan.h_names
+    selected = plan.selected
 
-    if b"sender" in signed_names and rfc_sender[0] != "sender":
+    if plan.signs_sender and rfc_sender[0] != "sender":
         raise DomainKeysError("the Sender header field has no address")
     identity = _identity_of(message, selected)
     if identity is None or identity[1].lower() != rfc_sender[1].lower():
