@@ -40,6 +40,9 @@ def strip_b(value: bytes) -> bytes:
 
 #: White space that relaxed canonicalization compresses (RFC 6376 3.4.2: WSP).
 _WSP_RUN = re.compile(rb"[\t ]+")
+#: A CRLF within a field: followed by white space (RFC 5322 2.2.3).
+_FOLD = re.compile(rb"\r\n(?=[ \t])")
+_RELAXED_HEADERS = CanonicalizationPolicy(Relaxed, Relaxed)
 
 
 def relaxed_field(name: bytes, value: bytes) -> bytes:
@@ -119,7 +122,16 @@ class MessageHashes:
     header fields per header canonicalization, body digests per (canonicalization, hash,
     l=)."""
 
-    __slots__ = ("_bodies", "_digests", "_fields", "headers", "index", "message", "signatures")
+    __slots__ = (
+        "_blocks",
+        "_bodies",
+        "_digests",
+        "_fields",
+        "headers",
+        "index",
+        "message",
+        "signatures",
+    )
 
     def __init__(self, message: Message) -> None:
         self.message = message
@@ -131,6 +143,7 @@ class MessageHashes:
             (headers[i][0], headers[i][1]) for i in self.index.positions.get(b"dkim-signature", ())
         ]
         self._fields: dict[bytes, dict[int, bytes]] = {}
+        self._blocks: dict[tuple[int, ...], bytes] = {}
         self._bodies: dict[bytes, bytes] = {}
         self._digests: dict[tuple[bytes, str, int | None], bytes] = {}
 
@@ -157,7 +170,34 @@ class MessageHashes:
 
     def selected_input(self, policy: CanonicalizationPolicy, selected: Sequence[int]) -> bytes:
         """The fields at `selected` (indexes into `headers`, in hash order) as hashed."""
-        return b"".join(self._canonical(policy, selected))
+        if policy.header_algorithm is not Relaxed:
+            return b"".join(self._canonical(policy, selected))
+        key = tuple(selected)
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = self._relaxed_block(key)
+        return block
+
+    def _relaxed_block(self, selected: tuple[int, ...]) -> bytes:
+        """`relaxed_field` of each field at `selected`, joined, with the value rules applied
+        to the whole block at once where that gives the same bytes: when every CR and LF is
+        part of a CRLF (so each CRLF within a value is a fold, followed by white space, and
+        each between fields is not) and there is no VT or FF (which strip() would remove
+        at a value's ends but the compression leaves)."""
+        headers = self.headers
+        keys = self.index.keys
+        block = b"".join([keys[i] + b":" + headers[i][1].strip() + b"\r\n" for i in selected])
+        crlf = block.count(b"\r\n")
+        if (
+            block.count(b"\r") != crlf
+            or block.count(b"\n") != crlf
+            or b"\x0b" in block
+            or b"\x0c" in block
+        ):
+            return b"".join(self._canonical(_RELAXED_HEADERS, selected))
+        if b"\r\n " in block or b"\r\n\t" in block:
+            block = _FOLD.sub(b"", block)
+        return relaxed_body_lines(block)  # tabs to spaces, runs to one: no line ends in WSP
 
     def header_hash_input(
         self,
@@ -172,7 +212,7 @@ class MessageHashes:
         # dkimpy's selection compares the canonical names lower-cased: relaxed names have
         # lost the white space before the colon, simple ones keep it.
         positions = self.index.positions if relaxed else self.index.lower_positions()
-        lines = self._canonical(policy, select_fields(positions, include))
+        lines = [self.selected_input(policy, select_fields(positions, include))]
         name, value = sig_header
         value = strip_b(value)
         signature = relaxed_field(name, value) if relaxed else name + b":" + value

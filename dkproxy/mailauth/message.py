@@ -24,6 +24,8 @@ BODY_CHUNK = 256 * 1024
 
 #: A header field name per RFC 5322: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+#: Field names joined by LF, each as found: white space before the colon allowed (RFC 5322 4.5).
+_FIELD_NAMES = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*(?:\n[\x21-\x39\x3b-\x7e]+[ \t]*)*")
 _UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
@@ -104,6 +106,27 @@ class Message:
         lines = block.split(b"\r\n")
         if lines and lines[-1] == b"":
             lines.pop()
+        # The common block is well formed: split it without a regex per line, check every
+        # field name with one regex, and only on a problem take the line-by-line way below,
+        # which finds the bad line (or an mbox "From " line) and says which.
+        headers = self.headers
+        for line in lines:
+            if line[:1] in (b" ", b"\t"):
+                if not headers:
+                    break
+                headers[-1][1] += line + b"\r\n"
+                continue
+            name, colon, value = line.partition(b":")
+            if not colon or not name:
+                break
+            headers.append([name, value + b"\r\n"])
+        else:
+            if _FIELD_NAMES.fullmatch(b"\n".join([name for name, _value in headers])):
+                return
+        headers.clear()
+        self._parse_lines(lines)
+
+    def _parse_lines(self, lines: list[bytes]) -> None:
         for index, line in enumerate(lines):
             if line[:1] in (b" ", b"\t"):
                 if not self.headers:

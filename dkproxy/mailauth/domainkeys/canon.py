@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Iterator
 from email.utils import getaddresses
 
-from dkproxy.mailauth.message import Message
+from dkproxy.mailauth.message import BODY_CHUNK, Message
 
 from .tags import DKSignature
 
@@ -161,7 +161,31 @@ def _hash_parts(message: Message, selected: list[int], method: str) -> Iterator[
         yield b"".join(
             [_canon_header(headers[i][0] + b":" + headers[i][1], method) for i in selected]
         )
-    yield from _canon_body(_body_chunks(message), method)
+    body = _small_clean_body(message)
+    if body is None:
+        yield from _canon_body(_body_chunks(message), method)
+        return
+    # What _canon_body makes of the separator line and a body without bare CR or LF: nofws
+    # deletes spaces and tabs, and the empty lines at the end are not hashed (a body of
+    # empty lines hashes as nothing, not even the separator line).
+    if method == "nofws":
+        body = body.translate(None, b" \t")
+    stream = b"\r\n" + body
+    end = len(stream.rstrip(b"\r\n"))  # all CRLF pairs: there is no bare CR or LF
+    if end:
+        yield stream if end == len(stream) else stream[: end + 2]
+
+
+def _small_clean_body(message: Message) -> bytes | None:
+    """The body when the message has a separator line, the body fits in one chunk and has
+    no bare CR or LF (then chunking makes no difference to the canonical form); else None."""
+    if not message.has_separator or len(message.data) - message.body_offset > BODY_CHUNK:
+        return None
+    body = message.body_bytes()
+    crlf = body.count(b"\r\n")
+    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+        return None
+    return body
 
 
 def _check_position(message: Message, sig_position: int) -> None:

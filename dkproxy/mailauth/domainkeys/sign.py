@@ -34,6 +34,8 @@ from .tags import (
 # Signing
 
 _BARE_LF_ANYWHERE = re.compile(rb"(?<!\r)\n")
+#: Stands for the b= value in a folded template: no tag or header field name contains NUL.
+_B64_SLOT = re.compile("\x00+")
 
 
 @functools.lru_cache(maxsize=64)
@@ -122,6 +124,31 @@ def _fold_before_b64(
 def _fold(fixed_tags: tuple[str, ...], h_names: tuple[str, ...], b64: str) -> bytes:
     """Build the folded field: tags separated by '; ', lines broken before FOLD_COLUMN with
     CRLF TAB; h= may break before a colon and b= anywhere (Mail::DKIM strips that FWS)."""
+    pieces, cuts = _fold_template(fixed_tags, h_names, len(b64))
+    out = [pieces[0]]
+    for (start, end), piece in zip(cuts, pieces[1:], strict=True):
+        out += (b64[start:end], piece)
+    return "".join(out).encode("ascii")
+
+
+@functools.lru_cache(maxsize=1024)
+def _fold_template(
+    fixed_tags: tuple[str, ...], h_names: tuple[str, ...], b64_len: int
+) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
+    """The folded field with the b= value cut out: the text around it and where each
+    piece of the value goes (start, end), for a value of `b64_len` characters (the key's)."""
+    folded = _fold_text(fixed_tags, h_names, "\x00" * b64_len)
+    runs = [m.span() for m in _B64_SLOT.finditer(folded)]
+    pieces = tuple(_B64_SLOT.split(folded))
+    cuts: list[tuple[int, int]] = []
+    position = 0
+    for start, end in runs:
+        cuts.append((position, position + end - start))
+        position += end - start
+    return pieces, tuple(cuts)
+
+
+def _fold_text(fixed_tags: tuple[str, ...], h_names: tuple[str, ...], b64: str) -> str:
     done, line = _fold_before_b64(fixed_tags, h_names)
     lines = list(done)
     pos = 0
@@ -134,7 +161,7 @@ def _fold(fixed_tags: tuple[str, ...], h_names: tuple[str, ...], b64: str) -> by
         line += b64[pos : pos + room]
         pos += room
     lines.append(line)
-    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+    return "\r\n".join(lines) + "\r\n"
 
 
 def _check_tag_value(what: str, value: str) -> str:
