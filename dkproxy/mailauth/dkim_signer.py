@@ -312,10 +312,18 @@ def sign(
     return b"DKIM-Signature:" + unsigned_value + _fold_b64(base64.b64encode(signature)) + b"\r\n"
 
 
+#: RSASSA-PKCS1-v1_5 over a SHA-256 digest we computed (RFC 6376 3.3.1), made once.
+_PKCS1 = padding.PKCS1v15()
+_PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
+#: Concrete classes seen to be RSA private keys: the ABC check is slow on every message.
+_RSA_KEY_TYPES: set[type] = set()
+
+
 def _sign_digest(key: SigningKey, digest: bytes) -> bytes:
     private = key.private
-    if isinstance(private, rsa.RSAPrivateKey):
-        return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    if type(private) in _RSA_KEY_TYPES or isinstance(private, rsa.RSAPrivateKey):
+        _RSA_KEY_TYPES.add(type(private))
+        return private.sign(digest, _PKCS1, _PREHASHED_SHA256)
     if isinstance(private, ed25519.Ed25519PrivateKey):
         # RFC 8463: Ed25519 (PureEdDSA) over the SHA-256 of the canonicalized header data.
         return private.sign(digest)

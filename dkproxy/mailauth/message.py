@@ -49,7 +49,8 @@ class HeaderIndex:
 
     def __init__(self, headers: list[list[bytes]]) -> None:
         self.lower = [name.lower() for name, _value in headers]
-        if any(name[-1:] in (b" ", b"\t") for name in self.lower):
+        ends = b"\n".join(self.lower) + b"\n"
+        if b" \n" in ends or b"\t\n" in ends:  # a name written with white space before ":"
             self.keys = [name.rstrip(b" \t") for name in self.lower]
         else:
             self.keys = self.lower

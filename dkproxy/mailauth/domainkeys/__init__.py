@@ -14,9 +14,9 @@ Input is a `Message` in CRLF wire form. Messages stored with LF line ends (qmail
 into CRLF by the caller first; a bare LF in the header block makes `sign` refuse the message.
 """
 
-# The package is split by job (tags, canon, sign, verify); callers keep importing from here.
+# The package is split by job (tags, canon, signer, verify); callers keep importing from here.
 from .canon import canonical_hash_input, domain_matches, sender_identity
-from .sign import sign
+from .signer import sign
 from .tags import (
     CANONICALIZATIONS,
     DEFAULT_SIGNED_HEADERS,

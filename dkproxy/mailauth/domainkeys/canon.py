@@ -281,6 +281,7 @@ def _domain_of(address: str) -> str | None:
     return m.group(1) if m else None
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function; a sender's domain recurs
 def domain_matches(identity_domain: str, signing_domain: str) -> bool:
     """Mail::DKIM's match_subdomain: equal to d= or a subdomain of it (ASCII case-insensitive)."""
     sub = "." + identity_domain

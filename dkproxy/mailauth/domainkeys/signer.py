@@ -34,6 +34,20 @@ from .tags import (
 # Signing
 
 _BARE_LF_ANYWHERE = re.compile(rb"(?<!\r)\n")
+#: RSASSA-PKCS1-v1_5 over a SHA-1 digest we computed (RFC 4870 3.2), made once.
+_PKCS1 = padding.PKCS1v15()
+_PREHASHED_SHA1 = utils.Prehashed(hashes.SHA1())
+#: Concrete classes seen to be RSA private keys: the ABC check is slow on every message.
+_RSA_KEY_TYPES: set[type] = set()
+
+
+def _is_rsa(key: object) -> bool:
+    if isinstance(key, rsa.RSAPrivateKey):
+        _RSA_KEY_TYPES.add(type(key))
+        return True
+    return False
+
+
 #: Stands for the b= value in a folded template: no tag or header field name contains NUL.
 _B64_SLOT = re.compile("\x00+")
 
@@ -201,7 +215,7 @@ def sign(
     outside `domain`, a sender field Mail::DKIM cannot read (folded), the Sender/From field
     not signed, or a non-RSA key. Bad arguments raise ValueError.
     """
-    if not isinstance(key, rsa.RSAPrivateKey):
+    if type(key) not in _RSA_KEY_TYPES and not _is_rsa(key):
         raise DomainKeysError(f"key is not RSA ({type(key).__name__}); DomainKeys is rsa-sha1")
     fixed = _fixed_tags(domain, selector, canonicalization)
     domain = fixed[2][2:]
@@ -232,5 +246,5 @@ def sign(
             f"{rfc_sender[0]} field (it ignores folded Sender/From fields)"
         )
     digest = _digest(_hash_parts(message, selected, canonicalization))
-    signature = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA1()))
+    signature = key.sign(digest, _PKCS1, _PREHASHED_SHA1)
     return _fold(fixed, h_names, base64.b64encode(signature).decode("ascii"))
