@@ -125,7 +125,9 @@ def body_hash(message: Message, relaxed: bool, chunk_size: int = BODY_CHUNK) -> 
     hasher = hashlib.sha256()
     held = b""  # CRLFs after the last content seen so far
     seen_content = False
-    for chunk in message.body_chunks(chunk_size):
+    # A body that fits in one chunk is the one body_bytes() holds (DomainKeys reads it too).
+    small = len(message.data) - message.body_offset <= chunk_size
+    for chunk in [message.body_bytes()] if small else message.body_chunks(chunk_size):
         if relaxed:
             chunk = relaxed_body_lines(chunk)
         end = len(chunk)

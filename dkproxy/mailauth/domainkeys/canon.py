@@ -170,10 +170,10 @@ def _hash_parts(message: Message, selected: list[int], method: str) -> Iterator[
     # empty lines hashes as nothing, not even the separator line).
     if method == "nofws":
         body = body.translate(None, b" \t")
-    stream = b"\r\n" + body
-    end = len(stream.rstrip(b"\r\n"))  # all CRLF pairs: there is no bare CR or LF
+    end = len(body.rstrip(b"\r\n"))  # all CRLF pairs: there is no bare CR or LF
     if end:
-        yield stream if end == len(stream) else stream[: end + 2]
+        yield b"\r\n"
+        yield body if end == len(body) else body[: end + 2]
 
 
 def _small_clean_body(message: Message) -> bytes | None:

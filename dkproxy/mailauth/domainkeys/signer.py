@@ -33,7 +33,6 @@ from .tags import (
 # --------------------------------------------------------------------------------------------
 # Signing
 
-_BARE_LF_ANYWHERE = re.compile(rb"(?<!\r)\n")
 #: RSASSA-PKCS1-v1_5 over a SHA-1 digest we computed (RFC 4870 3.2), made once.
 _PKCS1 = padding.PKCS1v15()
 _PREHASHED_SHA1 = utils.Prehashed(hashes.SHA1())
@@ -219,7 +218,8 @@ def sign(
         raise DomainKeysError(f"key is not RSA ({type(key).__name__}); DomainKeys is rsa-sha1")
     fixed = _fixed_tags(domain, selector, canonicalization)
     domain = fixed[2][2:]
-    if _BARE_LF_ANYWHERE.search(message.data, 0, message.header_end):
+    block = message.data[: message.header_end]
+    if block.count(b"\n") != block.count(b"\r\n"):  # an LF without its CR
         raise DomainKeysError("bare LF in the header block: convert the message to CRLF first")
 
     rfc_sender = _rfc_sender(message)
