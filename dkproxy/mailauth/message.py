@@ -9,6 +9,7 @@ attachment is never copied as a whole.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import re
 from collections.abc import Iterator
@@ -201,22 +202,19 @@ class Message:
         """Values of every field called `name` (case-insensitive), unfolded and stripped."""
         # The header index serves every lookup of the message (sender, author, list id,
         # message id ...) without a pass over the header block per lookup.
-        found = self.index.positions.get(name.lower().encode("ascii"))
-        if not found:
-            return []
-        headers = self.headers
-        values = []
-        for i in found:
-            value = headers[i][1]
-            if b"\n " in value or b"\n\t" in value:
-                value = _UNFOLD.sub(b"", value)
-            values.append(value.strip())
-        return values
+        found = self.index.positions.get(_lookup_key(name))
+        return [self._unfolded(i) for i in found] if found else []
+
+    def _unfolded(self, i: int) -> bytes:
+        value = self.headers[i][1]
+        if b"\n " in value or b"\n\t" in value:
+            value = _UNFOLD.sub(b"", value)
+        return value.strip()
 
     def get_last(self, name: str) -> str | None:
         """The last occurrence wins, as in Mail::DKIM and DKIMproxy."""
-        values = self.get_all(name)
-        return values[-1].decode("utf-8", "replace") if values else None
+        found = self.index.positions.get(_lookup_key(name))
+        return self._unfolded(found[-1]).decode("utf-8", "replace") if found else None
 
     def sender(self) -> Address | None:
         """The address whose domain decides the signing key: Sender header, else From."""
@@ -253,6 +251,12 @@ class Message:
 
     def message_id(self) -> str | None:
         return self.get_last("message-id")
+
+
+@functools.lru_cache(maxsize=256)
+def _lookup_key(name: str) -> bytes:
+    """A field name as `HeaderIndex.positions` keys it; callers ask for a few fixed names."""
+    return name.lower().encode("ascii")
 
 
 def wire_line_ends(piece: bytes) -> bytes:
