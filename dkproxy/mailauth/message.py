@@ -28,6 +28,7 @@ _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 #: Field names joined by LF, each as found: white space before the colon allowed (RFC 5322 4.5).
 _FIELD_NAMES = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*(?:\n[\x21-\x39\x3b-\x7e]+[ \t]*)*")
 _UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
+_LIST_ID = re.compile(r"<([^<>\s]+)>")
 
 
 class MessageFormatError(ValueError):
@@ -246,7 +247,7 @@ class Message:
         value = self.get_last("list-id")
         if value is None:
             return None
-        match = re.search(r"<([^<>\s]+)>", value)
+        match = _LIST_ID.search(value)
         return (match.group(1) if match else value.strip()).lower() or None
 
     def message_id(self) -> str | None:

@@ -277,8 +277,8 @@ def _rfc_sender(message: Message) -> tuple[str, str] | None:
 
 
 def _domain_of(address: str) -> str | None:
-    m = re.search(r"@([^@]*)$", address)
-    return m.group(1) if m else None
+    _local, at, domain = address.rpartition("@")  # what follows the last "@"
+    return domain if at else None
 
 
 @functools.lru_cache(maxsize=1024)  # a pure function; a sender's domain recurs

@@ -35,6 +35,8 @@ from .tags import (
 )
 
 _B64_DATA = re.compile(r"[A-Za-z0-9+/=]+")
+_KEY_DATA_JUNK = re.compile(r'[\r\n \t"]')
+_LOCAL_AT_DOMAIN = re.compile(r"(.*)@([^@]*)", re.DOTALL)
 
 #: DER prefix of a SHA-1 DigestInfo (RFC 8017 section 9.2, note 1).
 _SHA1_DIGEST_INFO = bytes.fromhex("3021300906052b0e03021a05000414")
@@ -137,7 +139,7 @@ def _parse_public_key(record: str | None) -> _PublicKey:
     p = tags.get("p")
     if p is None:
         raise _bad_key("missing p= tag")
-    p = re.sub(r'[\r\n \t"]', "", p)
+    p = _KEY_DATA_JUNK.sub("", p)
     if p == "":
         raise _KeyProblem("revoked", "permerror", "J", "public key: revoked")
     if not _B64_DATA.fullmatch(p):
@@ -162,7 +164,7 @@ def _check_key_use(pub: _PublicKey, identity: str, domain: str) -> None:
     g = pub.tags.get("g")
     if g is None or g == "":
         g = "*"
-    m = re.fullmatch(r"(.*)@([^@]*)", identity, re.DOTALL)
+    m = _LOCAL_AT_DOMAIN.fullmatch(identity)
     local, dom = (m.group(1), m.group(2)) if m else ("", identity)
     if "*" in g:
         begins, ends = g.split("*", 1)
