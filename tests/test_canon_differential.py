@@ -123,6 +123,10 @@ def test_header_hash_input_is_dkimpys(
     canonical = policy.canonicalize_headers(message.headers)
     dkim.hash_headers(expected, policy, canonical, include, sig_header, {})
     hashes = MessageHashes(message)
+    # dkimpy counts the fields named exactly DKIM-Signature (any case), not "DKIM-Signature :".
+    assert hashes.signatures == [
+        (n, v) for n, v in message.headers if n.lower() == b"dkim-signature"
+    ]
     got = Recorder()
     hashes.hash_headers(got, policy, include, sig_header)
     assert got.data == expected.data

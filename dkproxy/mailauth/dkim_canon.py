@@ -8,7 +8,7 @@ h= name; here the relaxed forms (RFC 6376 3.4.2, 3.4.4) are computed with bytes 
 5.4.2) walks the message's header index (`Message.index`), and `MessageHashes` keeps each
 selected field's canonical form once per message and header canonicalization, and each
 canonical body once per body canonicalization, so that the signatures of one message
-(signing: RSA + Ed25519 + ARC; verifying: any number) share that work. The signer and the
+(signing: RSA + Ed25519; verifying: any number) share that work. The signer and the
 verifier both hash through it. tests/test_canon_differential.py compares every function
 here with dkimpy's on generated awkward input.
 """
@@ -140,7 +140,8 @@ class MessageHashes:
         #: The DKIM-Signature fields in order: dkimpy's `idx` counts these.
         headers = message.headers
         self.signatures = [
-            (headers[i][0], headers[i][1]) for i in self.index.positions.get(b"dkim-signature", ())
+            (headers[i][0], headers[i][1])
+            for i in self.index.lower_positions().get(b"dkim-signature", ())
         ]
         self._fields: dict[bytes, dict[int, bytes]] = {}
         self._blocks: dict[tuple[int, ...], bytes] = {}
