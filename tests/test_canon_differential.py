@@ -49,7 +49,7 @@ BODY_PIECES = [b"a", b"b ", b" ", b"\t", b"  x", b"\r\n", b"\r\n", b"\r\n\r\n", 
                b"\r", b"\xc3\xa9", b"\x00", b"long" * 20]  # fmt: skip
 
 ODD_LINES = [b" continued", b"\tx", b"no colon", b":empty name", b"From x@y", b"a b: spaced",
-             b"\x80name: v", b""]  # fmt: skip
+             b"\x80name: v", b"X\nY: v", b"X\rY: v", b"X\n: v", b""]  # fmt: skip
 
 names = st.builds(
     lambda name, pad: name + pad, st.sampled_from(NAMES), st.sampled_from([b"", b"", b" ", b"\t"])

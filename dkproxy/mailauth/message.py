@@ -25,8 +25,9 @@ BODY_CHUNK = 256 * 1024
 
 #: A header field name per RFC 5322: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
-#: Field names joined by LF, each as found: white space before the colon allowed (RFC 5322 4.5).
-_FIELD_NAMES = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*(?:\n[\x21-\x39\x3b-\x7e]+[ \t]*)*")
+#: Field names joined by CRLF (which no name can contain: the block was split at CRLFs), each
+#: as found: white space before the colon allowed (RFC 5322 4.5).
+_FIELD_NAMES = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*(?:\r\n[\x21-\x39\x3b-\x7e]+[ \t]*)*")
 _UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
 _LIST_ID = re.compile(r"<([^<>\s]+)>")
 
@@ -124,7 +125,7 @@ class Message:
                 break
             headers.append([name, value + b"\r\n"])
         else:
-            if _FIELD_NAMES.fullmatch(b"\n".join([name for name, _value in headers])):
+            if _FIELD_NAMES.fullmatch(b"\r\n".join([name for name, _value in headers])):
                 return
         headers.clear()
         self._parse_lines(lines)
