@@ -161,27 +161,28 @@ def _hash_parts(message: Message, selected: list[int], method: str) -> Iterator[
         yield b"".join(
             [_canon_header(headers[i][0] + b":" + headers[i][1], method) for i in selected]
         )
-    body = _small_clean_body(message)
+    body = _small_clean_body(message, method)
     if body is None:
         yield from _canon_body(_body_chunks(message), method)
         return
-    # What _canon_body makes of the separator line and a body without bare CR or LF: nofws
-    # deletes spaces and tabs, and the empty lines at the end are not hashed (a body of
-    # empty lines hashes as nothing, not even the separator line).
-    if method == "nofws":
-        body = body.translate(None, b" \t")
+    # What _canon_body makes of the separator line and such a body: the empty lines at the
+    # end are not hashed (a body of empty lines hashes as nothing, not even the separator).
     end = len(body.rstrip(b"\r\n"))  # all CRLF pairs: there is no bare CR or LF
     if end:
         yield b"\r\n"
         yield body if end == len(body) else body[: end + 2]
 
 
-def _small_clean_body(message: Message) -> bytes | None:
-    """The body when the message has a separator line, the body fits in one chunk and has
-    no bare CR or LF (then chunking makes no difference to the canonical form); else None."""
+def _small_clean_body(message: Message, method: str) -> bytes | None:
+    """The body, spaces and tabs deleted for nofws (dk_nofws deletes them first), when the
+    message has a separator line, the body fits in one chunk and then has no bare CR or LF;
+    else None. For such a body the chunks Mail::DKIM's parser cuts (at CRLFs) make no
+    difference to the canonical form, so it can be canonicalized in one go."""
     if not message.has_separator or len(message.data) - message.body_offset > BODY_CHUNK:
         return None
     body = message.body_bytes()
+    if method == "nofws":
+        body = body.translate(None, b" \t")
     crlf = body.count(b"\r\n")
     if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
         return None
