@@ -26,9 +26,11 @@ from dkim.canonicalization import (
 
 from dkproxy.mailauth.dkim_canon import (
     MessageHashes,
+    relaxed_body,
     relaxed_body_lines,
     relaxed_field,
     select_fields,
+    simple_body,
     strip_b,
 )
 from dkproxy.mailauth.keys import SigningKey
@@ -115,19 +117,22 @@ class BodyHashCache:
 
 
 def body_hash(message: Message, relaxed: bool, chunk_size: int = BODY_CHUNK) -> bytes:
-    """SHA-256 of the canonical body, computed chunk by chunk (RFC 6376 3.4.3, 3.4.4).
+    """SHA-256 of the canonical body (RFC 6376 3.4.3, 3.4.4): a body of up to `chunk_size`
+    bytes at once, a larger one chunk by chunk.
 
     The per-line rules run on each CRLF-aligned chunk; only the rule about trailing empty
     lines spans chunks, so a run of CRLFs at the end of a chunk is held back until some
     content follows it. Equivalent to dkimpy's canonicalize_body on the whole body (the tests
     compare the two), without holding canonical copies of a large body.
     """
+    if len(message.data) - message.body_offset <= chunk_size:
+        # One chunk: the whole body, the one body_bytes() holds (DomainKeys reads it too).
+        body = message.body_bytes()
+        return hashlib.sha256(relaxed_body(body) if relaxed else simple_body(body)).digest()
     hasher = hashlib.sha256()
     held = b""  # CRLFs after the last content seen so far
     seen_content = False
-    # A body that fits in one chunk is the one body_bytes() holds (DomainKeys reads it too).
-    small = len(message.data) - message.body_offset <= chunk_size
-    for chunk in [message.body_bytes()] if small else message.body_chunks(chunk_size):
+    for chunk in message.body_chunks(chunk_size):
         if relaxed:
             chunk = relaxed_body_lines(chunk)
         end = len(chunk)
