@@ -8,16 +8,31 @@ with an explicit h= a DKIM-Signature below it is not among them, so both verify.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from dkproxy import metrics
 from dkproxy.config import OutboundConfig
 from dkproxy.mailauth import arc, dkim_signer, domainkeys
+from dkproxy.mailauth.addresses import Address
 from dkproxy.mailauth.message import Buffer, Message, MessageFormatError
-from dkproxy.policy import SignatureSpec, SigningPolicy
+from dkproxy.policy import Selection, SignatureSpec, SigningPolicy
 from dkproxy.smtp.downstream import Part, local_reply
 from dkproxy.smtp.proxy import Envelope, Outcome
 from dkproxy.smtp.spool import Spool
 
 SIGNING_ERROR_REPLY = "4.3.0 Error: message could not be signed, try again later"
+
+#: Selections remembered per (sender, List-Id): a flood repeats a few senders; past this many
+#: the memory starts afresh.
+SELECTION_CACHE_SIZE = 4096
+
+
+class _Choice(NamedTuple):
+    """A policy selection with what signing takes from each spec: its log label and, for
+    DKIM, its parameters (all of which depend on the configuration and the sender only)."""
+
+    selection: Selection
+    signatures: tuple[tuple[SignatureSpec, str, dkim_signer.DKIMParams | None], ...]
 
 
 class OutboundSigner:
@@ -40,6 +55,11 @@ class OutboundSigner:
         #: `[arc_seal]`: sealed on every message, unless its rule has an arc(...) of its own.
         self.arc_seal = arc_seal
         self._dkim_params: dict[SignatureSpec, dkim_signer.DKIMParams] = {}
+        #: SigningPolicy.select is a pure function of its arguments and the configuration
+        #: this signer was built with (a reload builds a new signer), so its answers can be
+        #: kept; a subclass (qmail's per-message conventions) may look at files: not kept.
+        self._memoise = type(policy) is SigningPolicy
+        self._choices: dict[tuple[Address | None, str | None, str], _Choice] = {}
 
     async def __call__(self, data: Buffer, envelope: Envelope) -> Outcome:
         return self.sign(data)
@@ -60,6 +80,28 @@ class OutboundSigner:
                 self._dkim_params[spec] = params
         return params
 
+    def _choose(self, sender: Address | None, list_id: str | None, no_sender: str) -> _Choice:
+        key = (sender, list_id, no_sender)
+        choice = self._choices.get(key)
+        if choice is None:
+            selection = self.policy.select(sender, list_id, no_sender=no_sender)
+            choice = _Choice(
+                selection,
+                tuple(
+                    (
+                        spec,
+                        f"{spec.kind}(d={spec.domain},s={spec.selector},a={spec.algorithm})",
+                        self._params(spec) if spec.kind == "dkim" else None,
+                    )
+                    for spec in selection.specs
+                ),
+            )
+            if self._memoise:
+                if len(self._choices) >= SELECTION_CACHE_SIZE:
+                    self._choices.clear()
+                self._choices[key] = choice
+        return choice
+
     def sign(self, data: Buffer) -> Outcome:
         try:
             message = Message(data)
@@ -67,11 +109,12 @@ class OutboundSigner:
             return self._failed(f"sender=<> msgid=<> unsigned: {exc}", "format_error")
         sender, no_sender = message.sender_and_reason()
         context = f"sender=<{sender or ''}> msgid={message.message_id() or '<>'}"
-        if not message.get_all("from"):
+        if b"from" not in message.index.positions:
             # DKIM requires a signed From: such a message passes unsigned, and is logged.
             metrics.unsigned("no_from")
             return Outcome(summary=f"{context} unsigned: no From header")
-        selection = self.policy.select(sender, message.list_id(), no_sender=no_sender)
+        choice = self._choose(sender, message.list_id(), no_sender)
+        selection = choice.selection
         if not selection.specs and self.arc_seal is None:
             metrics.unsigned("excluded" if selection.rule else "not_configured")
             return Outcome(summary=f"{context} unsigned: {selection.reason or 'no rule'}")
@@ -82,16 +125,15 @@ class OutboundSigner:
         skipped: list[str] = []
         signed: list[SignatureSpec] = []
         body_hashes = dkim_signer.BodyHashCache(message)
-        for spec in selection.specs:
-            label = f"{spec.kind}(d={spec.domain},s={spec.selector},a={spec.algorithm})"
+        for spec, label, params in choice.signatures:
             if spec.kind == "arc":
                 seal = arc.SealParams(
                     spec.domain, spec.selector, spec.key, spec.authserv_id, spec.headers
                 )
                 continue
             try:
-                if spec.kind == "dkim":
-                    dkim_fields.append(dkim_signer.sign(message, self._params(spec), body_hashes))
+                if params is not None:
+                    dkim_fields.append(dkim_signer.sign(message, params, body_hashes))
                 else:
                     dk_fields.append(
                         domainkeys.sign(

@@ -12,8 +12,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dkproxy.smtp.lines import LINE_LENGTH_LIMIT, break_long_lines
 from dkproxy.smtp.data_in import lines_within_limit
+from dkproxy.smtp.lines import LINE_LENGTH_LIMIT, break_long_lines
 
 #: Line lengths around every boundary the search steps over (998, 1000, 2 x 1000 ...).
 LENGTHS = st.one_of(

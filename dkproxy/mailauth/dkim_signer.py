@@ -18,9 +18,21 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
-from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.canonicalization import (
+    CanonicalizationPolicy,
+    InvalidCanonicalizationPolicyError,
+    Relaxed,
+)
 
-from dkproxy.mailauth.dkim_canon import MessageHashes
+from dkproxy.mailauth.dkim_canon import (
+    MessageHashes,
+    relaxed_body,
+    relaxed_body_lines,
+    relaxed_field,
+    select_fields,
+    simple_body,
+    strip_b,
+)
 from dkproxy.mailauth.keys import SigningKey
 from dkproxy.mailauth.message import BODY_CHUNK, Message
 
@@ -41,8 +53,9 @@ NEVER_SIGNED = frozenset({b"return-path", b"received", b"comments", b"keywords",
                           b"dkim-signature", b"domainkey-signature"})  # fmt: skip
 
 ALGORITHMS = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
-_TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
-_WSP_RUN = re.compile(rb"[\t ]+")
+#: Stand-ins for the values that change with every message (t=, x=, bh=) in a folded
+#: template: characters no tag value or header field name can contain.
+_SLOT = re.compile(b"[\x00-\x02]+")
 _B64_FOLD = 72
 
 
@@ -104,19 +117,24 @@ class BodyHashCache:
 
 
 def body_hash(message: Message, relaxed: bool, chunk_size: int = BODY_CHUNK) -> bytes:
-    """SHA-256 of the canonical body, computed chunk by chunk (RFC 6376 3.4.3, 3.4.4).
+    """SHA-256 of the canonical body (RFC 6376 3.4.3, 3.4.4): a body of up to `chunk_size`
+    bytes at once, a larger one chunk by chunk.
 
     The per-line rules run on each CRLF-aligned chunk; only the rule about trailing empty
     lines spans chunks, so a run of CRLFs at the end of a chunk is held back until some
     content follows it. Equivalent to dkimpy's canonicalize_body on the whole body (the tests
     compare the two), without holding canonical copies of a large body.
     """
+    if len(message.data) - message.body_offset <= chunk_size:
+        # One chunk: the whole body, the one body_bytes() holds (DomainKeys reads it too).
+        body = message.body_bytes()
+        return hashlib.sha256(relaxed_body(body) if relaxed else simple_body(body)).digest()
     hasher = hashlib.sha256()
     held = b""  # CRLFs after the last content seen so far
     seen_content = False
     for chunk in message.body_chunks(chunk_size):
         if relaxed:
-            chunk = _WSP_RUN.sub(b" ", _TRAILING_WSP.sub(b"\r\n", chunk))
+            chunk = relaxed_body_lines(chunk)
         end = len(chunk)
         while chunk.endswith(b"\r\n", 0, end):
             end -= 2
@@ -144,12 +162,32 @@ def _wanted_names(headers: tuple[str, ...] | None) -> frozenset[bytes]:
 
 def header_list(message: Message, params: DKIMParams) -> list[bytes]:
     """The h= list: each wanted field once per occurrence, plus one more for oversigned ones."""
-    wanted = _wanted_names(params.headers)
-    names = [lname for name, _ in message.headers if (lname := name.lower()) in wanted]
-    if b"from" not in names:
+    return list(
+        _header_plan(tuple(message.index.lower), _wanted_names(params.headers), params.oversign)[0]
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_plan(
+    names: tuple[bytes, ...], wanted: frozenset[bytes], oversign: tuple[str, ...]
+) -> tuple[tuple[bytes, ...], tuple[int, ...], tuple[int, ...]]:
+    """(h= list, fields it selects under relaxed, under simple) for a header block whose
+    field names are `names` (lower-cased as found): what a signature hashes depends on the
+    sequence of names only, which is the same on most of one sender's messages."""
+    include = [name for name in names if name in wanted]
+    if b"from" not in include:
         raise DKIMSignError("message has no From header field (RFC 6376 requires signing it)")
-    names.extend(name.encode("ascii") for name in params.oversign)
-    return names
+    include.extend(name.encode("ascii") for name in oversign)
+    relaxed: dict[bytes, list[int]] = {}
+    simple: dict[bytes, list[int]] = {}
+    for i, name in enumerate(names):
+        simple.setdefault(name, []).append(i)
+        relaxed.setdefault(name.rstrip(b" \t"), []).append(i)
+    return (
+        tuple(include),
+        tuple(select_fields(relaxed, include)),
+        tuple(select_fields(simple, include)),
+    )
 
 
 _FoldState = tuple[tuple[str, ...], str, int]
@@ -197,6 +235,49 @@ def _fixed_part(
     return policy, _fold_more(start, [(" ", tag) for tag in tags])
 
 
+@functools.lru_cache(maxsize=1024)
+def _value_template(
+    fixed: _FoldState,
+    t_len: int,
+    x_len: int | None,
+    include: tuple[bytes, ...],
+    bh_len: int,
+    relaxed: bool,
+) -> tuple[tuple[bytes, ...], tuple[bytes, ...] | None]:
+    """The folded signature value up to "b=", and the form it is hashed in (RFC 6376 3.7:
+    canonicalized, b= empty, no final CRLF), each cut where t=, x= (when `x_len` is not
+    None) and bh= go. Folding depends on the lengths of those values only, and the h=
+    list, the tags before it and those lengths are the same on a sender's every message;
+    neither canonicalization touches digits or base64, so the hashed form of the filled
+    value is the filled hashed form. The hashed form is None when strip_b would change the
+    template (a tag value looking like b=): then the filled value is canonicalized itself.
+    """
+    tokens = [(" ", "t=" + "\x00" * t_len + ";")]
+    if x_len is not None:
+        tokens.append((" ", "x=" + "\x01" * x_len + ";"))
+    names = [name.decode("ascii") for name in include]
+    tokens.append((" ", f"h={names[0]}"))
+    tokens += [("", f":{name}") for name in names[1:]]
+    tokens += [("", ";"), (" ", "bh=" + "\x02" * bh_len + ";")]
+    # b= goes on a line of its own, so the hashed form ("...; b=") is a prefix of the result.
+    value = b" " + _folded(_fold_more(fixed, tokens)) + b"\r\n\tb="
+    pieces = tuple(_SLOT.split(value))
+    if strip_b(value) != value:
+        return pieces, None
+    if relaxed:
+        hashed = relaxed_field(b"DKIM-Signature", value).rstrip()
+    else:
+        hashed = (b"DKIM-Signature:" + value).rstrip()
+    return pieces, tuple(_SLOT.split(hashed))
+
+
+def _fill(pieces: tuple[bytes, ...], slots: list[bytes]) -> bytes:
+    out = [pieces[0]]
+    for slot, piece in zip(slots, pieces[1:], strict=True):
+        out += (slot, piece)
+    return b"".join(out)
+
+
 def sign(
     message: Message,
     params: DKIMParams,
@@ -209,32 +290,47 @@ def sign(
     )
     if body_hashes is None:
         body_hashes = BodyHashCache(message)
-    body_hash = body_hashes.get(policy).decode("ascii")
-    include = header_list(message, params)
+    body_hash = body_hashes.get(policy)
+    include, relaxed_fields, simple_fields = _header_plan(
+        tuple(message.index.lower), _wanted_names(params.headers), params.oversign
+    )
     timestamp = int(time.time()) if now is None else now
 
-    tokens = [(" ", f"t={timestamp};")]
+    slots = [b"%d" % timestamp]
     if params.expire_seconds:
-        tokens.append((" ", f"x={timestamp + params.expire_seconds};"))
-    names = [name.decode("ascii") for name in include]
-    tokens.append((" ", f"h={names[0]}"))
-    tokens += [("", f":{name}") for name in names[1:]]
-    tokens += [("", ";"), (" ", f"bh={body_hash};")]
-    # b= goes on a line of its own, so the hashed form ("...; b=") is a prefix of the result.
-    unsigned_value = b" " + _folded(_fold_more(fixed, tokens)) + b"\r\n\tb="
-
-    hasher = hashlib.sha256()
+        slots.append(b"%d" % (timestamp + params.expire_seconds))
+    slots.append(body_hash)
+    x_len = len(slots[1]) if params.expire_seconds else None
+    relaxed = policy.header_algorithm is Relaxed
+    template = _value_template(fixed, len(slots[0]), x_len, include, len(body_hash), relaxed)
+    value_pieces, hashed_pieces = template
+    unsigned_value = _fill(value_pieces, slots)
     # dkim.hash_headers' work (dkimpy's selection and canonicalization), with each field
     # canonicalized once for all the message's signatures.
-    body_hashes.headers.hash_headers(hasher, policy, include, (b"DKIM-Signature", unsigned_value))
+    canonical = body_hashes.headers
+    hasher = hashlib.sha256()
+    if hashed_pieces is None:
+        canonical.hash_headers(hasher, policy, list(include), (b"DKIM-Signature", unsigned_value))
+    else:
+        selected = relaxed_fields if relaxed else simple_fields
+        hasher.update(canonical.selected_input(policy, selected))
+        hasher.update(_fill(hashed_pieces, slots))
     signature = _sign_digest(params.key, hasher.digest())
     return b"DKIM-Signature:" + unsigned_value + _fold_b64(base64.b64encode(signature)) + b"\r\n"
 
 
+#: RSASSA-PKCS1-v1_5 over a SHA-256 digest we computed (RFC 6376 3.3.1), made once.
+_PKCS1 = padding.PKCS1v15()
+_PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
+#: Concrete classes seen to be RSA private keys: the ABC check is slow on every message.
+_RSA_KEY_TYPES: set[type] = set()
+
+
 def _sign_digest(key: SigningKey, digest: bytes) -> bytes:
     private = key.private
-    if isinstance(private, rsa.RSAPrivateKey):
-        return private.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+    if type(private) in _RSA_KEY_TYPES or isinstance(private, rsa.RSAPrivateKey):
+        _RSA_KEY_TYPES.add(type(private))
+        return private.sign(digest, _PKCS1, _PREHASHED_SHA256)
     if isinstance(private, ed25519.Ed25519PrivateKey):
         # RFC 8463: Ed25519 (PureEdDSA) over the SHA-256 of the canonicalized header data.
         return private.sign(digest)

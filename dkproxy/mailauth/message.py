@@ -9,6 +9,7 @@ attachment is never copied as a whole.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 
@@ -21,11 +22,58 @@ BODY_CHUNK = 256 * 1024
 
 #: A header field name per RFC 5322: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+#: Field names joined by CRLF (which no name can contain: the block was split at CRLFs), each
+#: as found: white space before the colon allowed (RFC 5322 4.5).
+_FIELD_NAMES = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*(?:\r\n[\x21-\x39\x3b-\x7e]+[ \t]*)*")
 _UNFOLD = re.compile(rb"\r?\n(?=[ \t])")
+_LIST_ID = re.compile(r"<([^<>\s]+)>")
 
 
 class MessageFormatError(ValueError):
     """The header block cannot be parsed into fields; signing is not possible."""
+
+
+class HeaderIndex:
+    """The header block's field names, lower-cased once per message, and where each occurs.
+
+    `lower` is each field's name lower-cased as found (trailing white space of the obsolete
+    "Name :" syntax kept): what dkimpy's simple header selection compares. `keys` is the
+    name lower-cased without that white space (RFC 6376 3.4.2; RFC 5322 4.5): what relaxed
+    selection, DomainKeys and lookups by name compare. It is the same list as `lower` when
+    no name carries such white space, as in almost every message. `positions` maps a key to
+    the indexes of its fields, top first, so that picking the bottom-most unused instance
+    of a name (RFC 6376 5.4.2) is a list access rather than a scan of the header block.
+    """
+
+    __slots__ = ("_lower_positions", "keys", "lower", "positions")
+
+    def __init__(self, headers: list[list[bytes]]) -> None:
+        self.lower = [name.lower() for name, _value in headers]
+        ends = b"\n".join(self.lower) + b"\n"
+        if b" \n" in ends or b"\t\n" in ends:  # a name written with white space before ":"
+            self.keys = [name.rstrip(b" \t") for name in self.lower]
+        else:
+            self.keys = self.lower
+        positions: dict[bytes, list[int]] = {}
+        for index, key in enumerate(self.keys):
+            found = positions.get(key)
+            if found is None:
+                positions[key] = [index]
+            else:
+                found.append(index)
+        self.positions = positions
+        self._lower_positions: dict[bytes, list[int]] | None = (
+            positions if self.keys is self.lower else None
+        )
+
+    def lower_positions(self) -> dict[bytes, list[int]]:
+        """`positions` by the names in `lower` (white space before the colon kept)."""
+        if self._lower_positions is None:
+            found: dict[bytes, list[int]] = {}
+            for index, name in enumerate(self.lower):
+                found.setdefault(name, []).append(index)
+            self._lower_positions = found
+        return self._lower_positions
 
 
 class Message:
@@ -36,14 +84,20 @@ class Message:
     handed to dkimpy's canonicalization unchanged.
     """
 
-    __slots__ = ("_body_bytes", "_fields", "body_offset", "data", "header_end", "headers")
+    __slots__ = (
+        "_body_bytes",
+        "_index",
+        "body_offset",
+        "data",
+        "header_end",
+        "headers",
+    )
 
     def __init__(self, data: Buffer) -> None:
         self.data = data
         self.headers: list[list[bytes]] = []
         self._body_bytes: bytes | None = None
-        #: Field values by lower-case name, unfolded and stripped; made on first lookup.
-        self._fields: dict[bytes, list[bytes]] | None = None
+        self._index: HeaderIndex | None = None
         self.header_end, self.body_offset = _find_header_end(data)
         self._parse_headers(bytes(data[: self.header_end]))
 
@@ -53,6 +107,27 @@ class Message:
         lines = block.split(b"\r\n")
         if lines and lines[-1] == b"":
             lines.pop()
+        # The common block is well formed: split it without a regex per line, check every
+        # field name with one regex, and only on a problem take the line-by-line way below,
+        # which finds the bad line (or an mbox "From " line) and says which.
+        headers = self.headers
+        for line in lines:
+            if line[:1] in (b" ", b"\t"):
+                if not headers:
+                    break
+                headers[-1][1] += line + b"\r\n"
+                continue
+            name, colon, value = line.partition(b":")
+            if not colon or not name:
+                break
+            headers.append([name, value + b"\r\n"])
+        else:
+            if _FIELD_NAMES.fullmatch(b"\r\n".join([name for name, _value in headers])):
+                return
+        headers.clear()
+        self._parse_lines(lines)
+
+    def _parse_lines(self, lines: list[bytes]) -> None:
         for index, line in enumerate(lines):
             if line[:1] in (b" ", b"\t"):
                 if not self.headers:
@@ -68,6 +143,18 @@ class Message:
                 shown = line[:60].decode("ascii", "replace")
                 raise MessageFormatError(f"malformed header line {index + 1}: {shown!r}")
             self.headers.append([name, line[colon + 1 :] + b"\r\n"])
+
+    @property
+    def index(self) -> HeaderIndex:
+        """The names of `headers` lower-cased and indexed, made on first use (see HeaderIndex).
+
+        Every signer and verifier of the message shares it; `headers` must not change after
+        the first use (the proxy only ever prepends fields to the bytes it sends on).
+        """
+        index = self._index
+        if index is None:
+            index = self._index = HeaderIndex(self.headers)
+        return index
 
     @property
     def body(self) -> memoryview:
@@ -112,25 +199,21 @@ class Message:
 
     def get_all(self, name: str) -> list[bytes]:
         """Values of every field called `name` (case-insensitive), unfolded and stripped."""
-        fields = self._fields
-        if fields is None:
-            # One pass over the header block serves every lookup of the message (sender,
-            # author, list id, message id ...), instead of one pass per lookup.
-            fields = self._fields = {}
-            for field_name, value in self.headers:
-                key = field_name.rstrip(b" \t").lower()
-                unfolded = (
-                    _UNFOLD.sub(b"", value).strip()
-                    if b"\n " in value or b"\n\t" in value
-                    else value.strip()
-                )
-                fields.setdefault(key, []).append(unfolded)
-        return list(fields.get(name.lower().encode("ascii"), ()))
+        # The header index serves every lookup of the message (sender, author, list id,
+        # message id ...) without a pass over the header block per lookup.
+        found = self.index.positions.get(_lookup_key(name))
+        return [self._unfolded(i) for i in found] if found else []
+
+    def _unfolded(self, i: int) -> bytes:
+        value = self.headers[i][1]
+        if b"\n " in value or b"\n\t" in value:
+            value = _UNFOLD.sub(b"", value)
+        return value.strip()
 
     def get_last(self, name: str) -> str | None:
         """The last occurrence wins, as in Mail::DKIM and DKIMproxy."""
-        values = self.get_all(name)
-        return values[-1].decode("utf-8", "replace") if values else None
+        found = self.index.positions.get(_lookup_key(name))
+        return self._unfolded(found[-1]).decode("utf-8", "replace") if found else None
 
     def sender(self) -> Address | None:
         """The address whose domain decides the signing key: Sender header, else From."""
@@ -162,11 +245,17 @@ class Message:
         value = self.get_last("list-id")
         if value is None:
             return None
-        match = re.search(r"<([^<>\s]+)>", value)
+        match = _LIST_ID.search(value)
         return (match.group(1) if match else value.strip()).lower() or None
 
     def message_id(self) -> str | None:
         return self.get_last("message-id")
+
+
+@functools.lru_cache(maxsize=256)
+def _lookup_key(name: str) -> bytes:
+    """A field name as `HeaderIndex.positions` keys it; callers ask for a few fixed names."""
+    return name.lower().encode("ascii")
 
 
 def _find_header_end(data: Buffer) -> tuple[int, int]:
