@@ -655,3 +655,63 @@ def test_nothing_pipelined_after_quit_is_served(keyfile: str, capture: CaptureSe
         assert client.closed_by_peer()
     time.sleep(0.3)
     assert not [line for line in capture.commands if "after-quit" in line]
+
+
+def test_a_pooled_downstream_session_greeted_with_the_same_name_is_reset_not_greeted_again(
+    keyfile: str, capture: CaptureServer
+) -> None:
+    """Postfix's content filter transport opens a session per message, always with the same
+    EHLO name: the pooled downstream session gets RSET (as Postfix's own connection cache
+    does), a new name gets EHLO, and each transaction carries only its own XFORWARD."""
+    sessions = [("mta.test", "192.0.2.1"), ("mta.test", "192.0.2.2"), ("other.test", "192.0.2.3")]
+    offered: list[str] = []
+    with ProxyProcess("out", signing_args(keyfile, "--workers=1"), capture.address) as proxy:
+        for name, address in sessions:
+            with RawClient(proxy.host, proxy.port) as client:
+                client.reply()
+                code, ehlo = client.command(f"EHLO {name}")
+                assert code == 250
+                offered.append("\n".join(ehlo.splitlines()[1:]))
+                xforward = f"XFORWARD NAME=client.test ADDR={address}"
+                assert client.command(xforward)[0] == 250
+                assert client.command(f"MAIL FROM:<a@example.org> ENVID={address}")[0] == 250
+                assert client.command("RCPT TO:<bob@example.net>")[0] == 250
+                assert client.command("DATA")[0] == 354
+                client.send(MESSAGE + b".\r\n")
+                assert client.reply()[0] == 250
+                assert client.command("QUIT")[0] == 221
+            time.sleep(0.3)  # the session is back in the pool before the next client comes
+        messages = capture.wait_for(3)
+    assert offered[0] == offered[1] == offered[2]  # the reply in force is the first EHLO's
+    assert {tx.session for tx in messages} == {1}, "one downstream connection for all three"
+    greetings = [line for line in capture.commands if line.split()[0] in ("EHLO", "HELO", "RSET")]
+    assert greetings == ["EHLO mta.test", "RSET", "EHLO other.test"]
+    for tx, (name, address) in zip(messages, sessions, strict=True):
+        assert tx.ehlo == f"EHLO {name}"
+        assert tx.xforward == [f"XFORWARD NAME=client.test ADDR={address}"]
+        assert tx.mail_line == f"MAIL FROM:<a@example.org> ENVID={address}"
+        assert tx.data is not None and tx.data.endswith(MESSAGE)
+
+
+def test_a_pooled_downstream_session_that_fails_its_rset_is_replaced(keyfile: str) -> None:
+    """A pooled session whose RSET finds the connection gone (here the downstream hangs up on
+    it): nothing was committed on it, so a fresh session is opened and greeted with EHLO, and
+    the message goes through."""
+    args = signing_args(keyfile, "--workers=1")
+    with CaptureServer(disconnect_on=["RSET"]) as down, \
+            ProxyProcess("out", args, down.address) as proxy:  # fmt: skip
+        for _ in range(2):
+            with RawClient(proxy.host, proxy.port) as client:
+                client.reply()
+                assert client.command("EHLO mta.test")[0] == 250
+                assert client.command("MAIL FROM:<a@example.org>")[0] == 250
+                assert client.command("RCPT TO:<bob@example.net>")[0] == 250
+                assert client.command("DATA")[0] == 354
+                client.send(MESSAGE + b".\r\n")
+                assert client.reply()[0] == 250
+                assert client.command("QUIT")[0] == 221
+            time.sleep(0.3)
+        messages = down.wait_for(2)
+    assert [tx.session for tx in messages] == [1, 2]
+    assert [tx.ehlo for tx in messages] == ["EHLO mta.test", "EHLO mta.test"]
+    assert "RSET" in down.commands
