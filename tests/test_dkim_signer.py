@@ -9,6 +9,8 @@ import dkim
 import pytest
 from dkim.canonicalization import CanonicalizationPolicy
 
+from dkproxy.mailauth import dkim_verify
+from dkproxy.mailauth.dkim_canon import MessageHashes
 from dkproxy.mailauth.dkim_signer import DKIMParams, DKIMSignError, body_hash, header_list, sign
 from dkproxy.mailauth.keys import SigningKey, load_signing_key
 from dkproxy.mailauth.message import Message
@@ -78,3 +80,29 @@ def test_refusals_are_clear(rsa_key: SigningKey) -> None:
         DKIMParams("example.org", "s", rsa_key, algorithm="ed25519-sha256")
     with pytest.raises(DKIMSignError, match="no From"):
         sign(Message(b"Subject: x\r\n\r\nbody\r\n"), DKIMParams("example.org", "s", rsa_key))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"From\t:a@example.org\r\nFrom: A <a@example.org>\r\nFrom : \r\n",
+        b"From : x@example.org\r\nFrom: A <a@example.org>\r\n",
+        b"From: A <a@example.org>\r\nFROM :b@example.org\r\n",
+        b"Subject : one\r\nFrom: A <a@example.org>\r\nSubject: two\r\nSubject\t: three\r\n",
+        b"From: A <a@example.org>\r\nTo : b@example.net\r\nTo: c@example.net\r\nTo  : d\r\n",
+    ],
+)
+@pytest.mark.parametrize("c", ["relaxed/simple", "simple/simple", "relaxed/relaxed"])
+def test_obsolete_name_syntax_signs_what_our_verifier_checks(
+    rsa_key: SigningKey, head: bytes, c: str
+) -> None:
+    """A field written "Name :" (RFC 5322 4.5) is that name for relaxed selection, so h=
+    must count it: otherwise an oversigned entry, or the extra "from" dkimpy's verifier
+    appends, selects a field the signer did not hash and our own `dkproxy in` says fail."""
+    data = head + b"\r\nbody\r\n"
+    message = Message(data)
+    signed = sign(message, DKIMParams("example.org", "r", rsa_key, canonicalization=c)) + data
+    hashes = MessageHashes(Message(signed))
+    tags = dkim.util.parse_tag_value(hashes.signatures[0][1])
+    key = dkim_verify.key_for("r", rsa_key.dns_record.encode())
+    assert dkim_verify.verify(hashes, 0, tags, key), (c, head)

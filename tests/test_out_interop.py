@@ -150,6 +150,10 @@ CORPUS: list[Case] = [
     Case("folded-from", _msg("foldfrom", b"body\r\n",
                              base=("From: Alice Example\r\n <alice@example.org>", *BASE[1:])),
          domainkeys=False),
+    # RFC 5322 4.5 obsolete "Name :" fields: three From fields for relaxed selection; h=
+    # must count all of them (verifiers add a "from" to catch one added later).
+    Case("obsolete-from-fields", _headers("From\t:alice@example.org")
+         + _msg("obsfrom", b"body\r\n", "From : Alice <alice@example.org>")),
 ]  # fmt: skip
 
 

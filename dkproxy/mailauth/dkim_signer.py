@@ -174,9 +174,13 @@ def _header_plan(
     """(h= list, fields it selects under relaxed, under simple) for a header block whose
     field names are `names` (lower-cased as found): what a signature hashes depends on the
     sequence of names only, which is the same on most of one sender's messages."""
-    include = [name for name in names if name in wanted]
-    if b"from" not in include:
+    if b"from" not in names:
         raise DKIMSignError("message has no From header field (RFC 6376 requires signing it)")
+    # Each field counted under its name without the white space of the obsolete "Name :"
+    # form (RFC 5322 4.5): relaxed selection finds such a field under that name, so every
+    # occurrence must be listed, or an oversigned entry (and the extra "from" dkimpy's
+    # verifier adds) would select a field the count left out.
+    include = [key for key in (name.rstrip(b" \t") for name in names) if key in wanted]
     include.extend(name.encode("ascii") for name in oversign)
     relaxed: dict[bytes, list[int]] = {}
     simple: dict[bytes, list[int]] = {}
