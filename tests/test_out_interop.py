@@ -344,3 +344,35 @@ def test_sender_map_and_listid_map_choose_the_signatures(
         assert len(results) == 2 and all(r.result == "pass" for r in results), (name, results)
     (list_results,) = verify_go_msgauth([arrived["list"]], dns_server)
     assert [(r.domain, r.result) for r in list_results] == [("lists.example.org", "pass")]
+
+
+OBSOLETE_NAME_HEADS = [
+    b"From\t:alice@example.org\r\nFrom: Alice <alice@example.org>\r\nFrom : \r\n",
+    b"From : Alice <alice@example.org>\r\nFrom: alice@example.org\r\n",
+    b"Subject : one\r\nFrom: Alice <alice@example.org>\r\nSubject: two\r\n",
+    b"From: Alice <alice@example.org>\r\nTo  : b@example.net\r\nTo: c@example.net\r\n",
+]
+
+
+def test_obsolete_names_verify_elsewhere_under_every_canonicalization(
+    tmp_path: Path, dns_server: DNSServer
+) -> None:
+    """A field written "Name :" is named Name (RFC 5322 4.5) for selection (RFC 6376 5.4.2)
+    under simple as under relaxed: Mail::DKIM and go-msgauth select it so, and must verify."""
+    from dkproxy.mailauth.dkim_signer import DKIMParams, sign
+    from dkproxy.mailauth.keys import load_signing_key
+    from dkproxy.mailauth.message import Message
+
+    keyfile = make_rsa_key(str(tmp_path / "obs.key"), 1024)
+    dns_server.publish({"obsname._domainkey.example.org": [dns_record(keyfile)]})
+    key = load_signing_key(keyfile)
+    messages = []
+    for head in OBSOLETE_NAME_HEADS:
+        data = head + b"\r\nbody\r\n"
+        for c in ("simple/simple", "relaxed/simple", "simple/relaxed", "relaxed/relaxed"):
+            params = DKIMParams("example.org", "obsname", key, canonicalization=c)
+            messages.append(sign(Message(data), params) + data)
+    for message, results in zip(messages, verify_mail_dkim_many(messages, dns_server), strict=True):
+        assert [r.result for r in _ours(results, "example.org")] == ["pass"], (message, results)
+    for message, results in zip(messages, verify_go_msgauth(messages, dns_server), strict=True):
+        assert [r.result for r in _ours(results, "example.org")] == ["pass"], (message, results)

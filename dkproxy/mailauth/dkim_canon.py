@@ -210,9 +210,11 @@ class MessageHashes:
         `include` selects, canonicalized, then the signature field with b='s value removed
         and without its final CRLF (RFC 6376 3.7)."""
         relaxed = policy.header_algorithm is Relaxed
-        # dkimpy's selection compares the canonical names lower-cased: relaxed names have
-        # lost the white space before the colon, simple ones keep it.
-        positions = self.index.positions if relaxed else self.index.lower_positions()
+        # Fields are selected by name (RFC 6376 5.4.2), and a field written "From :" is named
+        # From (RFC 5322 4.5) under either canonicalization, as Mail::DKIM and go-msgauth
+        # select it. dkimpy's simple selection keeps the white space in the name (its parser
+        # refuses such a message, so there is no dkimpy verdict to keep).
+        positions = self.index.positions
         lines = [self.selected_input(policy, select_fields(positions, include))]
         name, value = sig_header
         value = strip_b(value)

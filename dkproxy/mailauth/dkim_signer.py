@@ -182,16 +182,13 @@ def _header_plan(
     # verifier adds) would select a field the count left out.
     include = [key for key in (name.rstrip(b" \t") for name in names) if key in wanted]
     include.extend(name.encode("ascii") for name in oversign)
-    relaxed: dict[bytes, list[int]] = {}
-    simple: dict[bytes, list[int]] = {}
+    # Both canonicalizations select by the name without white space before the colon
+    # (MessageHashes.header_hash_input says why).
+    positions: dict[bytes, list[int]] = {}
     for i, name in enumerate(names):
-        simple.setdefault(name, []).append(i)
-        relaxed.setdefault(name.rstrip(b" \t"), []).append(i)
-    return (
-        tuple(include),
-        tuple(select_fields(relaxed, include)),
-        tuple(select_fields(simple, include)),
-    )
+        positions.setdefault(name.rstrip(b" \t"), []).append(i)
+    selected = tuple(select_fields(positions, include))
+    return tuple(include), selected, selected
 
 
 _FoldState = tuple[tuple[str, ...], str, int]

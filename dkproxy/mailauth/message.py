@@ -37,12 +37,13 @@ class HeaderIndex:
     """The header block's field names, lower-cased once per message, and where each occurs.
 
     `lower` is each field's name lower-cased as found (trailing white space of the obsolete
-    "Name :" syntax kept): what dkimpy's simple header selection compares. `keys` is the
-    name lower-cased without that white space (RFC 6376 3.4.2; RFC 5322 4.5): what relaxed
-    selection, DomainKeys and lookups by name compare. It is the same list as `lower` when
-    no name carries such white space, as in almost every message. `positions` maps a key to
-    the indexes of its fields, top first, so that picking the bottom-most unused instance
-    of a name (RFC 6376 5.4.2) is a list access rather than a scan of the header block.
+    "Name :" syntax kept): how dkimpy counts DKIM-Signature fields. `keys` is the name
+    lower-cased without that white space (RFC 6376 3.4.2; RFC 5322 4.5): what DKIM header
+    selection (simple and relaxed), DomainKeys and lookups by name compare. It is the same
+    list as `lower` when no name carries such white space, as in almost every message.
+    `positions` maps a key to the indexes of its fields, top first, so that picking the
+    bottom-most unused instance of a name (RFC 6376 5.4.2) is a list access rather than a
+    scan of the header block.
     """
 
     __slots__ = ("_lower_positions", "keys", "lower", "positions")
