@@ -20,11 +20,12 @@ the worker's CPU time stops rising, and that SIGTERM still stops it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -120,23 +121,34 @@ def open_transaction(client: RawClient) -> None:
     assert client.command("RCPT TO:<bob@example.net>")[0] == 250
 
 
+@contextlib.contextmanager
+def reply_held_for(
+    keyfile: str, verb: str, half_close: bool = True
+) -> Iterator[tuple[CaptureServer, RawClient]]:
+    """A proxy whose downstream holds its reply to `verb` (or "." or "CONNECT") for HOLD
+    seconds. The body brings the client to the moment that reply is due; then the client's
+    EOF crosses it, and the session must end (assert_session_ended)."""
+    with CaptureServer(delays={verb: HOLD}) as capture:
+        proxy = start_proxy(keyfile, capture.address)
+        try:
+            with RawClient(proxy.host, proxy.port, timeout=15) as client:
+                yield capture, client
+                cross_with_eof(proxy, client, half_close)
+            assert_session_ended(proxy, capture)
+        finally:
+            proxy.stop()
+
+
 @pytest.mark.parametrize("half_close", [True, False], ids=["half-close", "close"])
 def test_eof_crossing_the_end_of_data_reply_ends_the_session(
     keyfile: str, half_close: bool
 ) -> None:
     """The downstream's answer to the final dot and the client's EOF in one turn."""
-    with CaptureServer(delays={".": HOLD}) as capture:
-        proxy = start_proxy(keyfile, capture.address)
-        try:
-            with RawClient(proxy.host, proxy.port, timeout=15) as client:
-                open_transaction(client)
-                assert client.command("DATA")[0] == 354
-                client.send(MESSAGE + b".\r\n")
-                capture.wait_for(1)  # the downstream has it and holds its reply
-                cross_with_eof(proxy, client, half_close)
-            assert_session_ended(proxy, capture)
-        finally:
-            proxy.stop()
+    with reply_held_for(keyfile, ".", half_close) as (capture, client):
+        open_transaction(client)
+        assert client.command("DATA")[0] == 354
+        client.send(MESSAGE + b".\r\n")
+        capture.wait_for(1)  # the downstream has it and holds its reply
 
 
 @pytest.mark.parametrize("half_close", [True, False], ids=["half-close", "close"])
@@ -144,68 +156,40 @@ def test_eof_crossing_the_downstream_greeting_ends_the_session(
     keyfile: str, half_close: bool
 ) -> None:
     """A client that hangs up while the downstream session is being opened."""
-    with CaptureServer(delays={"CONNECT": HOLD}) as capture:
-        proxy = start_proxy(keyfile, capture.address)
-        try:
-            with RawClient(proxy.host, proxy.port, timeout=15) as client:
-                assert wait_until(lambda: capture.sessions >= 1)
-                cross_with_eof(proxy, client, half_close)
-            assert_session_ended(proxy, capture)
-        finally:
-            proxy.stop()
+    with reply_held_for(keyfile, "CONNECT", half_close) as (capture, _client):
+        assert wait_until(lambda: capture.sessions >= 1)
 
 
 @pytest.mark.parametrize("verb", ["MAIL", "RCPT"])
 def test_eof_crossing_an_envelope_reply_ends_the_session(keyfile: str, verb: str) -> None:
-    with CaptureServer(delays={verb: HOLD}) as capture:
-        proxy = start_proxy(keyfile, capture.address)
-        try:
-            with RawClient(proxy.host, proxy.port, timeout=15) as client:
-                assert client.reply()[0] == 220
-                assert client.command("EHLO client.example.test")[0] == 250
-                if verb == "RCPT":
-                    assert client.command("MAIL FROM:<alice@example.org>")[0] == 250
-                    client.send(b"RCPT TO:<bob@example.net>\r\n")
-                else:
-                    client.send(b"MAIL FROM:<alice@example.org>\r\n")
-                assert wait_until(lambda: any(c.startswith(verb) for c in capture.commands))
-                cross_with_eof(proxy, client, half_close=True)
-            assert_session_ended(proxy, capture)
-        finally:
-            proxy.stop()
+    with reply_held_for(keyfile, verb) as (capture, client):
+        assert client.reply()[0] == 220
+        assert client.command("EHLO client.example.test")[0] == 250
+        if verb == "RCPT":
+            assert client.command("MAIL FROM:<alice@example.org>")[0] == 250
+            client.send(b"RCPT TO:<bob@example.net>\r\n")
+        else:
+            client.send(b"MAIL FROM:<alice@example.org>\r\n")
+        assert wait_until(lambda: any(c.startswith(verb) for c in capture.commands))
 
 
 def test_eof_after_a_pipelined_group_ends_the_session(keyfile: str) -> None:
     """MAIL, RCPT, DATA, the message and a second MAIL in one write, then EOF."""
-    with CaptureServer(delays={".": HOLD}) as capture:
-        proxy = start_proxy(keyfile, capture.address)
-        try:
-            with RawClient(proxy.host, proxy.port, timeout=15) as client:
-                assert client.reply()[0] == 220
-                assert client.command("EHLO client.example.test")[0] == 250
-                client.send(
-                    b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
-                    + MESSAGE
-                    + b".\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<carol@exam"
-                )
-                capture.wait_for(1)
-                cross_with_eof(proxy, client, half_close=True)
-            assert_session_ended(proxy, capture)
-        finally:
-            proxy.stop()
+    with reply_held_for(keyfile, ".") as (capture, client):
+        assert client.reply()[0] == 220
+        assert client.command("EHLO client.example.test")[0] == 250
+        client.send(
+            b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\n"
+            + MESSAGE
+            + b".\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<carol@exam"
+        )
+        capture.wait_for(1)
 
 
 def test_eof_after_an_over_long_command_line_ends_the_session(keyfile: str) -> None:
     """A command line past the limit with no line end, then EOF while a reply is due."""
-    with CaptureServer(delays={"MAIL": HOLD}) as capture:
-        proxy = start_proxy(keyfile, capture.address)
-        try:
-            with RawClient(proxy.host, proxy.port, timeout=15) as client:
-                assert client.reply()[0] == 220
-                assert client.command("EHLO client.example.test")[0] == 250
-                client.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<" + b"b" * 100_000)
-                assert wait_until(lambda: any(c.startswith("MAIL") for c in capture.commands))
-                cross_with_eof(proxy, client, half_close=True)
-            assert_session_ended(proxy, capture)
-        finally:
-            proxy.stop()
+    with reply_held_for(keyfile, "MAIL") as (capture, client):
+        assert client.reply()[0] == 220
+        assert client.command("EHLO client.example.test")[0] == 250
+        client.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<" + b"b" * 100_000)
+        assert wait_until(lambda: any(c.startswith("MAIL") for c in capture.commands))
