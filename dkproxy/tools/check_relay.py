@@ -39,14 +39,7 @@ def check_relay_config(path: str, args: argparse.Namespace, out: TextIO) -> int:
         print(f"warning: {warning}", file=out)
     print("configuration ok", file=out)
     if args.dns:
-        try:
-            domains = dnscheck.parse_domains(args.domain)
-        except ValueError as exc:
-            print(f"dkproxy check-config: {exc}", file=sys.stderr)
-            return 2
-        targets = dnscheck.targets_from_keys(policy.signing_keys(), domains)
-        print("", file=out)
-        return dnscheck.run_checks(targets, args.dns_server, args.timeout, out, args.allow_testing)
+        return dnscheck.check_signing_keys(policy.signing_keys(), args, out)
     return 0
 
 

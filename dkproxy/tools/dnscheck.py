@@ -382,6 +382,22 @@ def parse_domains(values: Sequence[str]) -> list[str]:
     return domains
 
 
+def check_signing_keys(
+    keys: Iterable[tuple[str, str, SigningKey, str]], args: argparse.Namespace, out: TextIO
+) -> int:
+    """check-config --dns: check the published record of every key a configuration signs
+    with (`keys`: SigningPolicy.signing_keys()), with the options of `add_dns_options` and
+    `--domain`. Returns the exit status (run_checks'; 2 for a bad --domain)."""
+    try:
+        domains = parse_domains(args.domain)
+    except ValueError as exc:
+        print(f"dkproxy check-config: {exc}", file=sys.stderr)
+        return 2
+    targets = targets_from_keys(keys, domains)
+    print("", file=out)
+    return run_checks(targets, args.dns_server, args.timeout, out, args.allow_testing)
+
+
 def add_dns_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dns-server",

@@ -140,16 +140,7 @@ def check_config(args: argparse.Namespace, out: TextIO) -> int:
             print("dnscheck: an inbound configuration signs with no keys", file=out)
         else:
             assert policy is not None
-            try:
-                domains = dnscheck.parse_domains(args.domain)
-            except ValueError as exc:
-                print(f"dkproxy check-config: {exc}", file=sys.stderr)
-                return 2
-            targets = dnscheck.targets_from_keys(policy.signing_keys(), domains)
-            print("", file=out)
-            status = dnscheck.run_checks(
-                targets, args.dns_server, args.timeout, out, args.allow_testing
-            )
+            status = dnscheck.check_signing_keys(policy.signing_keys(), args, out)
     return status
 
 
