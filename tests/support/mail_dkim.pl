@@ -16,9 +16,9 @@
 use strict;
 use warnings;
 use Getopt::Long;
-use JSON::PP;
-use Net::DNS::Resolver;
-use Mail::DKIM::DNS;
+use FindBin;
+use lib $FindBin::Bin;
+use MailDkimHarness qw(use_test_dns serve);
 use Mail::DKIM::Verifier;
 use Mail::DKIM::Signer;
 use Mail::DKIM::Signature;
@@ -37,40 +37,7 @@ GetOptions( \%o, 'host=s', 'port=i', 'timeout=i', 'strict', 'key=s', 'domain=s',
     'selector=s', 'type=s', 'method=s', 'algorithm=s', 'headers=s' )
   or die "bad options\n";
 
-# Mail::DKIM::DNS::query calls $RESOLVER->send(name, type): give it a resolver that asks only
-# the test server (non-recursive, its port), with short timeouts for blackhole tests.
-my $res = Net::DNS::Resolver->new(
-    nameservers => [ $o{host} ],
-    port        => $o{port},
-    recurse     => 0,
-    retry       => 1,
-    retrans     => 1,
-    tcp_timeout => $o{timeout},
-    udp_timeout => $o{timeout},
-    searchlist  => [],
-    defnames    => 0,
-    dnsrch      => 0,
-);
-Mail::DKIM::DNS::resolver($res);
-$Mail::DKIM::DNS::TIMEOUT = $o{timeout};
-
-my $json = JSON::PP->new->canonical->ascii;
-binmode STDIN;
-binmode STDOUT;
-$| = 1;
-
-sub read_message {
-    my $len = <STDIN>;
-    return undef unless defined $len;
-    chomp $len;
-    die "bad frame header '$len'\n" unless $len =~ /^\d+$/;
-    my $buf = '';
-    while ( length($buf) < $len ) {
-        my $n = read( STDIN, $buf, $len - length($buf), length($buf) );
-        die "short read\n" unless $n;
-    }
-    return $buf;
-}
+use_test_dns( $o{host}, $o{port}, $o{timeout} );
 
 sub verify {
     my ($msg) = @_;
@@ -129,12 +96,4 @@ sub sign {
     return { headers => \@headers };
 }
 
-while ( defined( my $msg = read_message() ) ) {
-    my $out = eval { $mode eq 'sign' ? sign($msg) : $mode eq 'verify' ? verify($msg) : die "mode?\n" };
-    unless ($out) {
-        my $e = $@ || 'unknown error';
-        chomp $e;
-        $out = { error => $e };
-    }
-    print $json->encode($out), "\n";
-}
+serve( $mode, { sign => \&sign, verify => \&verify } );

@@ -1,6 +1,6 @@
 #!/usr/bin/perl
 # Test helper: Perl Mail::DKIM's ARC classes (RFC 8617) as an independent sealer and
-# verifier, asking only the tests' own DNS server (same framing as mail_dkim.pl).
+# verifier, asking only the tests' own DNS server (framing: MailDkimHarness.pm).
 #
 #   mail_dkim_arc.pl verify --port P [--host H] [--timeout S]
 #   mail_dkim_arc.pl seal --port P --key FILE --domain D --selector S --srvid ID
@@ -14,9 +14,9 @@
 use strict;
 use warnings;
 use Getopt::Long;
-use JSON::PP;
-use Net::DNS::Resolver;
-use Mail::DKIM::DNS;
+use FindBin;
+use lib $FindBin::Bin;
+use MailDkimHarness qw(use_test_dns serve);
 use Mail::DKIM::ARC::Signer;
 use Mail::DKIM::ARC::Verifier;
 
@@ -26,38 +26,7 @@ GetOptions( \%o, 'host=s', 'port=i', 'timeout=i', 'key=s', 'domain=s', 'selector
     'srvid=s', 'chain=s', 'timestamp=i' )
   or die "bad options\n";
 
-my $res = Net::DNS::Resolver->new(
-    nameservers => [ $o{host} ],
-    port        => $o{port},
-    recurse     => 0,
-    retry       => 1,
-    retrans     => 1,
-    tcp_timeout => $o{timeout},
-    udp_timeout => $o{timeout},
-    searchlist  => [],
-    defnames    => 0,
-    dnsrch      => 0,
-);
-Mail::DKIM::DNS::resolver($res);
-$Mail::DKIM::DNS::TIMEOUT = $o{timeout};
-
-my $json = JSON::PP->new->canonical->ascii;
-binmode STDIN;
-binmode STDOUT;
-$| = 1;
-
-sub read_message {
-    my $len = <STDIN>;
-    return undef unless defined $len;
-    chomp $len;
-    die "bad frame header '$len'\n" unless $len =~ /^\d+$/;
-    my $buf = '';
-    while ( length($buf) < $len ) {
-        my $n = read( STDIN, $buf, $len - length($buf), length($buf) );
-        die "short read\n" unless $n;
-    }
-    return $buf;
-}
+use_test_dns( $o{host}, $o{port}, $o{timeout} );
 
 sub verify {
     my ($msg) = @_;
@@ -84,12 +53,4 @@ sub seal {
     return { result => $s->result, detail => $s->{details} // '', headers => \@headers };
 }
 
-while ( defined( my $msg = read_message() ) ) {
-    my $out = eval { $mode eq 'seal' ? seal($msg) : $mode eq 'verify' ? verify($msg) : die "mode?\n" };
-    unless ($out) {
-        my $e = $@ || 'unknown error';
-        chomp $e;
-        $out = { error => $e };
-    }
-    print $json->encode($out), "\n";
-}
+serve( $mode, { seal => \&seal, verify => \&verify } );
