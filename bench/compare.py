@@ -15,6 +15,7 @@ messages/s is reported. Exit status 0 when dkproxy reaches --ratio times DKIMpro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bench_out import free_port, start_sink, tool, wait_port
@@ -114,11 +115,12 @@ def start_both(
     return daemons
 
 
-def check_signing(args: argparse.Namespace, workdir: Path, key: Path) -> None:
-    """One message through each proxy into a dumping smtp-sink: both must sign it."""
-    dumps = workdir / "dumps"
+@contextlib.contextmanager
+def dumping_sink(dumps: Path) -> Iterator[int]:
+    """An smtp-sink (made here, stopped on leaving) that writes every message it takes into a
+    file of the new directory `dumps`; yields its port."""
     dumps.mkdir(mode=0o777)
-    dumps.chmod(0o777)
+    dumps.chmod(0o777)  # smtp-sink drops its privileges to `user` before writing
     port = free_port()
     user = "nobody" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
     sink = subprocess.Popen(
@@ -126,34 +128,49 @@ def check_signing(args: argparse.Namespace, workdir: Path, key: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_port(port)
-    daemons = start_both(args, workdir, port, key, "check")
     try:
-        for daemon in daemons:
-            before = set(dumps.iterdir())
-            result = run_sync(
-                LoadConfig("127.0.0.1", daemon.port, rate=0, messages=1, connections=1)
-            )
-            deadline = time.monotonic() + 5
-            while not (new := set(dumps.iterdir()) - before) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if result.delivered != 1 or not new:
-                sys.exit(
-                    f"compare: {daemon.name} did not deliver a test message "
-                    f"({result.errors}); see {daemon.log}"
-                )
-            text = b"".join(path.read_bytes() for path in new).lower()
-            missing = [
-                h for h in ("dkim-signature:", "domainkey-signature:") if h.encode() not in text
-            ]
-            if missing:
-                sys.exit(f"compare: {daemon.name} relayed the message without {missing}")
-            print(f"{daemon.name}: signs with DKIM and DomainKeys (checked)")
+        wait_port(port)
+        yield port
     finally:
-        for daemon in daemons:
-            daemon.stop()
         sink.terminate()
         sink.wait(5)
+
+
+def new_dumps(dumps: Path, before: set[Path], timeout: float = 5.0) -> set[Path]:
+    """The files the dumping sink wrote since `before` (waiting up to `timeout` s for one)."""
+    deadline = time.monotonic() + timeout
+    while not (new := set(dumps.iterdir()) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return new
+
+
+def check_signing(args: argparse.Namespace, workdir: Path, key: Path) -> None:
+    """One message through each proxy into a dumping smtp-sink: both must sign it."""
+    dumps = workdir / "dumps"
+    with dumping_sink(dumps) as port:
+        daemons = start_both(args, workdir, port, key, "check")
+        try:
+            for daemon in daemons:
+                before = set(dumps.iterdir())
+                result = run_sync(
+                    LoadConfig("127.0.0.1", daemon.port, rate=0, messages=1, connections=1)
+                )
+                new = new_dumps(dumps, before)
+                if result.delivered != 1 or not new:
+                    sys.exit(
+                        f"compare: {daemon.name} did not deliver a test message "
+                        f"({result.errors}); see {daemon.log}"
+                    )
+                text = b"".join(path.read_bytes() for path in new).lower()
+                missing = [
+                    h for h in ("dkim-signature:", "domainkey-signature:") if h.encode() not in text
+                ]
+                if missing:
+                    sys.exit(f"compare: {daemon.name} relayed the message without {missing}")
+                print(f"{daemon.name}: signs with DKIM and DomainKeys (checked)")
+        finally:
+            for daemon in daemons:
+                daemon.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,8 +37,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench_out import drive, free_port, start_sink, tool, wait_port, write_key
-from compare import Daemon, check_signing, start_both, write_rsa_key
+from bench_out import drive, free_port, start_sink, tool, write_key
+from compare import Daemon, check_signing, dumping_sink, new_dumps, start_both, write_rsa_key
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
@@ -118,38 +118,28 @@ def start_pass_through(args: argparse.Namespace, workdir: Path, relay: int, key:
 def check_verifying(args: argparse.Namespace, workdir: Path, message_file: Path) -> None:
     """One signed message through each inbound proxy into a dumping sink: both must pass it."""
     dumps = workdir / "dumps-in"
-    dumps.mkdir(mode=0o777)
-    dumps.chmod(0o777)
-    port = free_port()
-    user = "nobody" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
-    sink = subprocess.Popen(
-        [tool("smtp-sink"), "-u", user, "-d", f"{dumps}/%H%M%S.", f"127.0.0.1:{port}", "64"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_port(port)
-    daemons = start_inbound(args, workdir, port, "check")
-    try:
-        for daemon in daemons:
-            before = set(dumps.iterdir())
-            try:
-                drive(daemon.port, 1, 1, 0, False, str(message_file))
-            except RuntimeError as exc:
-                sys.exit(f"compare_in: {daemon.name}: {exc}\n{daemon.log.read_text()[-3000:]}")
-            deadline = time.monotonic() + 5
-            while not (new := set(dumps.iterdir()) - before) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            text = b"".join(path.read_bytes() for path in new).lower()
-            head = text.split(b"\r\n\r\n" if b"\r\n\r\n" in text else b"\n\n", 1)[0]
-            missing = [w for w in ("dkim=pass", "domainkeys=pass") if w.encode() not in head]
-            if not new or missing:
-                sys.exit(f"compare_in: {daemon.name} did not report {missing}; see {daemon.log}")
-            print(f"{daemon.name}: dkim=pass domainkeys=pass (checked)")
-    finally:
-        for daemon in daemons:
-            daemon.stop()
-        sink.terminate()
-        sink.wait(5)
+    with dumping_sink(dumps) as port:
+        daemons = start_inbound(args, workdir, port, "check")
+        try:
+            for daemon in daemons:
+                before = set(dumps.iterdir())
+                try:
+                    drive(daemon.port, 1, 1, 0, False, str(message_file))
+                except RuntimeError as exc:
+                    log = daemon.log.read_text()[-3000:]
+                    sys.exit(f"compare_in: {daemon.name}: {exc}\n{log}")
+                new = new_dumps(dumps, before)
+                text = b"".join(path.read_bytes() for path in new).lower()
+                head = text.split(b"\r\n\r\n" if b"\r\n\r\n" in text else b"\n\n", 1)[0]
+                missing = [w for w in ("dkim=pass", "domainkeys=pass") if w.encode() not in head]
+                if not new or missing:
+                    sys.exit(
+                        f"compare_in: {daemon.name} did not report {missing}; see {daemon.log}"
+                    )
+                print(f"{daemon.name}: dkim=pass domainkeys=pass (checked)")
+        finally:
+            for daemon in daemons:
+                daemon.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
